@@ -1,0 +1,302 @@
+"""Model configuration: plain dataclasses parsed from a checkpoint's ``config.json``.
+
+Accepts the published flat format (text fields at top level, ``rope_scaling: {type: mrope, ...}``, vision
+``in_chans``) and the nested format written by ``transformers`` 5 (``text_config``, ``rope_parameters``).
+Named presets: ``"3b"``, ``"7b"`` (published files, vendored), ``"32b"``, ``"72b"`` (known shapes) and
+``"tiny"`` (real vision geometry at a small width; random-weight demos and tests).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from typing import Any
+
+ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
+MODEL_TYPES = ("qwen2_5_vl",)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112  # pixels
+    out_hidden_size: int = 3584
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    tokens_per_second: float = 2
+    rope_theta: float = 10000.0
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:  # columns of pixel_values: C * T * P * P
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_unit(self) -> int:  # patches per LLM token
+        return self.spatial_merge_size**2
+
+    @property
+    def window_merged(self) -> int:  # window side in merged tokens (112 px -> 4)
+        return self.window_size // self.spatial_merge_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    mrope_section: tuple[int, ...] = (16, 24, 24)
+    max_position_embeddings: int = 128000
+    hidden_act: str = "silu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    tie_word_embeddings: bool = False
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    eos_token_ids: tuple[int, ...] = (151645,)
+    pad_token_id: int = 151643
+    bos_token_id: int = 151643
+    torch_dtype: str | None = None  # the checkpoint's stored dtype name, e.g. "bfloat16"
+
+    def validate(self) -> "ModelConfig":
+        v, t = self.vision, self.text
+        if v.hidden_size % v.num_heads or v.head_dim % 4:
+            raise ValueError(f"vision hidden_size {v.hidden_size} / num_heads {v.num_heads} must give a head_dim divisible by 4")
+        if t.hidden_size % t.num_attention_heads or t.num_attention_heads % t.num_key_value_heads:
+            raise ValueError(
+                f"text heads: hidden_size {t.hidden_size}, num_attention_heads {t.num_attention_heads} and "
+                f"num_key_value_heads {t.num_key_value_heads} must divide evenly"
+            )
+        if sum(t.mrope_section) * 2 != t.head_dim:
+            raise ValueError(f"mrope_section {t.mrope_section} must sum to head_dim/2 = {t.head_dim // 2}")
+        if any(i < 0 or i >= v.depth for i in v.fullatt_block_indexes):
+            raise ValueError(f"fullatt_block_indexes {v.fullatt_block_indexes} out of range for depth {v.depth}")
+        if v.window_size % (v.spatial_merge_size * v.patch_size):
+            raise ValueError(f"window_size {v.window_size} must be a multiple of merge*patch size")
+        return self
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Parse a ``config.json`` dict (flat published or nested transformers-5 format)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"config must be a dict, got {type(d).__name__}")
+        model_type = d.get("model_type")
+        archs = d.get("architectures") or []
+        if model_type not in MODEL_TYPES and ARCHITECTURE not in archs:
+            raise ValueError(
+                f"config is not a Qwen2.5-VL config: model_type={model_type!r}, architectures={archs!r} "
+                f"(expected model_type 'qwen2_5_vl')"
+            )
+        td = dict(d.get("text_config") or {})
+        flat = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
+
+        def get(key, default=None):  # nested text_config wins over top level
+            if key in td and td[key] is not None:
+                return td[key]
+            return flat.get(key, default)
+
+        rope = get("rope_scaling") or get("rope_parameters") or {}
+        mrope = rope.get("mrope_section")
+        if mrope is None:
+            raise ValueError("config has no mrope_section in rope_scaling/rope_parameters")
+        rope_theta = rope.get("rope_theta", get("rope_theta", 1000000.0))
+        text = TextConfig(
+            vocab_size=int(get("vocab_size")),
+            hidden_size=int(get("hidden_size")),
+            intermediate_size=int(get("intermediate_size")),
+            num_hidden_layers=int(get("num_hidden_layers")),
+            num_attention_heads=int(get("num_attention_heads")),
+            num_key_value_heads=int(get("num_key_value_heads") or get("num_attention_heads")),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            mrope_section=tuple(int(x) for x in mrope),
+            max_position_embeddings=int(get("max_position_embeddings", 128000)),
+            hidden_act=str(get("hidden_act", "silu")),
+        )
+        vd = d.get("vision_config") or {}
+        vrope = vd.get("rope_parameters") or {}
+        vision = VisionConfig(
+            depth=int(vd.get("depth", 32)),
+            hidden_size=int(vd.get("hidden_size", 1280)),
+            intermediate_size=int(vd.get("intermediate_size", 3420)),
+            num_heads=int(vd.get("num_heads", 16)),
+            in_channels=int(vd.get("in_channels", vd.get("in_chans", 3))),
+            patch_size=int(vd.get("patch_size", vd.get("spatial_patch_size", 14))),
+            temporal_patch_size=int(vd.get("temporal_patch_size", 2)),
+            spatial_merge_size=int(vd.get("spatial_merge_size", 2)),
+            window_size=int(vd.get("window_size", 112)),
+            out_hidden_size=int(vd.get("out_hidden_size", text.hidden_size)),
+            fullatt_block_indexes=tuple(int(i) for i in vd.get("fullatt_block_indexes", (7, 15, 23, 31))),
+            tokens_per_second=float(vd.get("tokens_per_second", 2)),
+            rope_theta=float(vrope.get("rope_theta", 10000.0)),
+            hidden_act=str(vd.get("hidden_act", "silu")),
+        )
+        eos = get("eos_token_id", 151645)
+        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None)
+        tie = d.get("tie_word_embeddings")
+        if tie is None:
+            tie = td.get("tie_word_embeddings", False)
+        bos = get("bos_token_id", 151643)
+        pad = get("pad_token_id")
+        return cls(
+            vision=vision,
+            text=text,
+            tie_word_embeddings=bool(tie),
+            image_token_id=int(d.get("image_token_id", 151655)),
+            video_token_id=int(d.get("video_token_id", 151656)),
+            vision_start_token_id=int(d.get("vision_start_token_id", 151652)),
+            vision_end_token_id=int(d.get("vision_end_token_id", 151653)),
+            eos_token_ids=eos_ids,
+            pad_token_id=int(pad if pad is not None else (bos if bos is not None else 151643)),
+            bos_token_id=int(bos if bos is not None else 151643),
+            torch_dtype=d.get("torch_dtype") or d.get("dtype") or td.get("dtype"),
+        ).validate()
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json at {path!r}")
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelConfig":
+        """A named preset: '3b', '7b', '32b', '72b' or 'tiny'."""
+        key = str(name).lower().replace("qwen2.5-vl-", "").replace("-instruct", "")
+        if key in ("3b", "7b"):
+            return cls.from_dict(json.loads(_read_vendored(f"{key}.config.json")))
+        if key in _LARGE_SHAPES:
+            base = cls.from_name("7b")
+            hidden, layers, heads, kv, inter, vis_inter = _LARGE_SHAPES[key]
+            text = replace(base.text, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                           num_key_value_heads=kv, intermediate_size=inter)
+            vision = replace(base.vision, intermediate_size=vis_inter, out_hidden_size=hidden)
+            return replace(base, text=text, vision=vision).validate()
+        if key == "tiny":
+            return tiny_config()
+        raise ValueError(f"unknown config name {name!r}; expected one of {PRESETS}")
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The nested ``config.json`` dict transformers 5 writes (used to build reference models in tests)."""
+        v, t = self.vision, self.text
+        return {
+            "architectures": [ARCHITECTURE],
+            "model_type": "qwen2_5_vl",
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "text_config": {
+                "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+                "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_hidden_layers,
+                "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
+                "rms_norm_eps": t.rms_norm_eps, "max_position_embeddings": t.max_position_embeddings,
+                "hidden_act": t.hidden_act, "bos_token_id": self.bos_token_id,
+                "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
+                "pad_token_id": self.pad_token_id,
+                "rope_parameters": {"rope_type": "default", "mrope_section": list(t.mrope_section),
+                                    "rope_theta": t.rope_theta},
+            },
+            "vision_config": {
+                "depth": v.depth, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+                "num_heads": v.num_heads, "in_channels": v.in_channels, "patch_size": v.patch_size,
+                "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
+                "window_size": v.window_size, "out_hidden_size": v.out_hidden_size,
+                "fullatt_block_indexes": list(v.fullatt_block_indexes), "tokens_per_second": v.tokens_per_second,
+                "hidden_act": v.hidden_act,
+            },
+        }
+
+
+PRESETS = ("3b", "7b", "32b", "72b", "tiny")
+# hidden, layers, heads, kv heads, intermediate, vision intermediate
+_LARGE_SHAPES = {"32b": (5120, 64, 40, 8, 27648, 3456), "72b": (8192, 80, 64, 8, 29568, 3456)}
+
+# Special-token ids of the tiny preset: they index into the small byte-level vocabulary built by
+# ``qwen_batched.tokenizer.ByteTokenizer`` (256 bytes, then the Qwen special tokens in this order).
+TINY_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+TINY_VOCAB = 320
+
+
+def tiny_config() -> ModelConfig:
+    """Real Qwen2.5-VL geometry (patch 14, merge 2, window 112, full-attention blocks) at a small width."""
+    sid = {tok: 256 + i for i, tok in enumerate(TINY_SPECIAL_TOKENS)}
+    return ModelConfig(
+        vision=VisionConfig(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                            fullatt_block_indexes=(1, 3)),
+        text=TextConfig(vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, mrope_section=(4, 6, 6),
+                        max_position_embeddings=32768),
+        tie_word_embeddings=False,
+        image_token_id=sid["<|image_pad|>"],
+        video_token_id=sid["<|video_pad|>"],
+        vision_start_token_id=sid["<|vision_start|>"],
+        vision_end_token_id=sid["<|vision_end|>"],
+        eos_token_ids=(sid["<|im_end|>"], sid["<|endoftext|>"]),
+        pad_token_id=sid["<|endoftext|>"],
+        bos_token_id=sid["<|endoftext|>"],
+    ).validate()
+
+
+def _read_vendored(name: str) -> str:
+    return resources.files("qwen_batched.configs").joinpath(name).read_text()
+
+
+def default_preprocessor_config() -> dict[str, Any]:
+    """The published ``preprocessor_config.json`` (min_pixels 3136, max_pixels 12845056)."""
+    return json.loads(_read_vendored("preprocessor_config.json"))
+
+
+def default_chat_template() -> str:
+    return _read_vendored("chat_template.jinja")
+
+
+def load_generation_eos(path: str | os.PathLike) -> tuple[int, ...] | None:
+    """EOS ids from ``generation_config.json`` next to a checkpoint, if present."""
+    p = os.path.join(os.fspath(path), "generation_config.json")
+    if not os.path.isfile(p):
+        return None
+    with open(p) as f:
+        eos = json.load(f).get("eos_token_id")
+    if eos is None:
+        return None
+    return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))

@@ -1,0 +1,17 @@
+from setuptools import setup
+
+setup(
+    name="qwen_batched",
+    version="0.1.0",
+    description="Batched, on-device Qwen2.5-VL inference: processor, varlen vision tower, decoder and generation",
+    packages=["qwen_batched", "qwen_batched.configs", "qwen_batched.kernels"],
+    package_dir={"qwen_batched.kernels": "kernels"},
+    package_data={"qwen_batched.configs": ["*.json", "*.jinja"]},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.5", "transformers", "einops", "safetensors", "numpy", "pillow"],
+    extras_require={
+        "test": ["pytest", "triton", "tokenizers"],
+        "bench": ["matplotlib"],
+        "flash": ["flash-attn"],
+    },
+)
