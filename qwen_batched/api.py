@@ -44,7 +44,7 @@ class QwenBatchedVL(nn.Module):
     # ------------------------------------------------------------------ constructors
     @classmethod
     def _empty(cls, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, attn_backend: str):
-        resolve_backend(attn_backend, device)  # fail early on an unusable backend
+        resolve_backend(attn_backend, device, dtype)  # fail early on an unusable backend
         with torch.device("meta"):
             model = cls(cfg, attn_backend=attn_backend)
         return model
@@ -61,16 +61,22 @@ class QwenBatchedVL(nn.Module):
             raise TypeError(f"config_or_name must be a ModelConfig or a preset name, got {type(config_or_name).__name__}")
         device = torch.device(device) if device is not None else torch.device("cpu")
         dtype = _check_dtype(dtype) or _default_dtype(device, cfg)
-        resolve_backend(attn_backend, device)
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        model = cls(cfg, attn_backend=attn_backend)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.dim() == 1:
-                    p.fill_(1.0) if name.endswith("weight") else p.zero_()
-                else:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        model = cls._empty(cfg, device, dtype, attn_backend)
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+        state = {}
+        for name, p in model.state_dict().items():  # materialise straight on the device, in the target dtype
+            t = torch.empty(p.shape, device=device, dtype=dtype)
+            if p.dim() == 1:  # 1-D weights are norm scales, the rest biases
+                t.fill_(1.0) if name.endswith(".weight") else t.zero_()
+            else:
+                t.normal_(0.0, 0.02, generator=gen)
+            state[name] = t
+        if cfg.tie_word_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model = model.eval().requires_grad_(False)
         model._attach_processor(None)
         return model
 

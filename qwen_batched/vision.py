@@ -1,0 +1,126 @@
+"""The Qwen2.5-VL vision transformer, encoding every image of a batch in one packed (varlen) pass.
+
+Module names mirror the checkpoint (``visual.blocks.N.attn.qkv`` ...). The Conv3d patch embedding is held as
+the equivalent Linear (its weight viewed as (hidden, C*T*P*P)).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .attention import resolve_backend, varlen_attention
+from .config import VisionConfig
+from .geometry import GeometryCache, VisionGeometry
+from .layers import RMSNorm, SwiGLU, rotate_half
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (N, H, D); cos/sin: (N, D) fp32. Rotation in fp32, cast back like the reference."""
+    xf = x.float()
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor, cos, sin, plan, backend: str) -> torch.Tensor:
+        N, D = x.shape
+        q, k, v = self.qkv(x).view(N, 3, self.n_heads, self.head_dim).unbind(1)  # each (N, H, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = varlen_attention(q, k, v, plan, backend)  # (N, H, hd)
+        return self.proj(o.reshape(N, D))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = VisionAttention(cfg)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=True)
+
+    def forward(self, x, cos, sin, plan, backend: str) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, plan, backend)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """RMSNorm -> group m*m neighbouring patches -> Linear -> GELU -> Linear."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        d = cfg.hidden_size * cfg.merge_unit
+        self.ln_q = RMSNorm(cfg.hidden_size, 1e-6)
+        self.mlp = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.out_hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N/mu, out)
+        return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.patch_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.merger = PatchMerger(cfg)
+        self.full_blocks = frozenset(cfg.fullatt_block_indexes)
+        self.geometry_cache = GeometryCache()
+
+    def geometry(self, image_grid_thw: torch.Tensor, n_rows: int, backend: str) -> VisionGeometry:
+        """Validate ``image_grid_thw`` against the pixel rows and return the (cached) batch geometry."""
+        if not isinstance(image_grid_thw, torch.Tensor):
+            raise TypeError(f"image_grid_thw must be a torch.Tensor of shape (n_images, 3), got {type(image_grid_thw).__name__}")
+        if image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3 or image_grid_thw.shape[0] == 0:
+            raise ValueError(f"image_grid_thw must have shape (n_images >= 1, 3), got {tuple(image_grid_thw.shape)}")
+        if image_grid_thw.dtype.is_floating_point or image_grid_thw.dtype == torch.bool:
+            raise TypeError(f"image_grid_thw must be an integer tensor, got {image_grid_thw.dtype}")
+        grids = tuple(tuple(g) for g in image_grid_thw.tolist())  # the one host sync per batch
+        m = self.cfg.spatial_merge_size
+        bad = [g for g in grids if g[0] < 1 or g[1] < m or g[2] < m or g[1] % m or g[2] % m]
+        if bad:
+            raise ValueError(f"image_grid_thw rows must be (t >= 1, h, w) with h, w positive multiples of "
+                             f"spatial_merge_size={m}; got {bad[:3]}")
+        total = sum(t * h * w for t, h, w in grids)
+        if total != n_rows:
+            raise ValueError(f"pixel_values has {n_rows} patch rows but image_grid_thw describes {total} "
+                             f"(sum of t*h*w)")
+        return self.geometry_cache.get(grids, self.cfg, self.patch_embed.proj.weight.device, backend)
+
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, backend: str = "auto",
+                return_pre_merger: bool = False) -> torch.Tensor:
+        """pixel_values (N, C*T*P*P), image_grid_thw (n, 3) -> merged (N/mu, out) in raster order per image,
+        or with ``return_pre_merger`` the block output (N, hidden) in input patch order."""
+        cfg, w = self.cfg, self.patch_embed.proj.weight
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != cfg.patch_dim:
+            raise ValueError(f"pixel_values must have shape (n_patches, {cfg.patch_dim}), got {tuple(pixel_values.shape)}")
+        if not pixel_values.dtype.is_floating_point:
+            raise TypeError(f"pixel_values must be floating point (normalized patches), got {pixel_values.dtype}")
+        backend = resolve_backend(backend, w.device, w.dtype)
+        geo = self.geometry(image_grid_thw, pixel_values.shape[0], backend)
+        mu = cfg.merge_unit
+        x = pixel_values.to(device=w.device, dtype=w.dtype)
+        x = x.view(-1, mu, cfg.patch_dim)[geo.window_index].view(-1, cfg.patch_dim)  # window order
+        x = self.patch_embed(x)  # (N, D)
+        for i, blk in enumerate(self.blocks):
+            plan = geo.full_plan if i in self.full_blocks else geo.window_plan
+            x = blk(x, geo.cos, geo.sin, plan, backend)
+        if return_pre_merger:
+            return x.view(-1, mu, cfg.hidden_size)[geo.reverse_index].view(-1, cfg.hidden_size)
+        return self.merger(x)[geo.reverse_index]
