@@ -30,8 +30,12 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos, sin, plan, backend: str) -> torch.Tensor:
         N, D = x.shape
-        q, k, v = self.qkv(x).view(N, 3, self.n_heads, self.head_dim).unbind(1)  # each (N, H, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv(x).view(N, 3, self.n_heads, self.head_dim)
+        qk = apply_rotary(qkv[:, :2].reshape(N, 2 * self.n_heads, self.head_dim), cos, sin)  # q and k at once
+        q, k = qk.view(N, 2, self.n_heads, self.head_dim).unbind(1)  # each (N, H, hd)
+        v = qkv[:, 2]
+        if backend != "sdpa":  # the CUDA varlen kernels want dense (N, H, hd)
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o = varlen_attention(q, k, v, plan, backend)  # (N, H, hd)
         return self.proj(o.reshape(N, D))
 
