@@ -87,6 +87,11 @@ class VisionTransformer(nn.Module):
 
     def geometry(self, image_grid_thw: torch.Tensor, n_rows: int, backend: str) -> VisionGeometry:
         """Validate ``image_grid_thw`` against the pixel rows and return the (cached) batch geometry."""
+        grids = self.validate_grids(image_grid_thw, n_rows)
+        return self.geometry_cache.get(grids, self.cfg, self.patch_embed.proj.weight.device, backend)
+
+    def validate_grids(self, image_grid_thw: torch.Tensor, n_rows: int) -> tuple[tuple[int, int, int], ...]:
+        """``image_grid_thw`` as host tuples (the one host sync per batch), checked against the pixel rows."""
         if not isinstance(image_grid_thw, torch.Tensor):
             raise TypeError(f"image_grid_thw must be a torch.Tensor of shape (n_images, 3), got {type(image_grid_thw).__name__}")
         if image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3 or image_grid_thw.shape[0] == 0:
@@ -103,19 +108,23 @@ class VisionTransformer(nn.Module):
         if total != n_rows:
             raise ValueError(f"pixel_values has {n_rows} patch rows but image_grid_thw describes {total} "
                              f"(sum of t*h*w)")
-        return self.geometry_cache.get(grids, self.cfg, self.patch_embed.proj.weight.device, backend)
+        return grids
+
+    def check_pixels(self, pixel_values: torch.Tensor) -> None:
+        pd = self.cfg.patch_dim
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != pd:
+            raise ValueError(f"pixel_values must have shape (n_patches, {pd}), got {tuple(pixel_values.shape)}")
+        if not pixel_values.dtype.is_floating_point:
+            raise TypeError(f"pixel_values must be floating point (normalized patches), got {pixel_values.dtype}")
 
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, backend: str = "auto",
                 return_pre_merger: bool = False) -> torch.Tensor:
         """pixel_values (N, C*T*P*P), image_grid_thw (n, 3) -> merged (N/mu, out) in raster order per image,
         or with ``return_pre_merger`` the block output (N, hidden) in input patch order."""
         cfg, w = self.cfg, self.patch_embed.proj.weight
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-        if pixel_values.dim() != 2 or pixel_values.shape[1] != cfg.patch_dim:
-            raise ValueError(f"pixel_values must have shape (n_patches, {cfg.patch_dim}), got {tuple(pixel_values.shape)}")
-        if not pixel_values.dtype.is_floating_point:
-            raise TypeError(f"pixel_values must be floating point (normalized patches), got {pixel_values.dtype}")
+        self.check_pixels(pixel_values)
         backend = resolve_backend(backend, w.device, w.dtype)
         geo = self.geometry(image_grid_thw, pixel_values.shape[0], backend)
         mu = cfg.merge_unit
