@@ -1,0 +1,66 @@
+"""CUDA-only checks of the vision tower in bf16 (skipped without a GPU).
+
+bf16 tolerances: ours vs the reference in bf16, both compared to the fp32 reference; ours must be no worse than
+the reference's own bf16 error (times a small factor), and the varlen CUDA backends must agree with SDPA.
+"""
+import pytest
+import torch
+
+from qwen_batched import QwenBatchedVL
+from qwen_batched.attention import HAS_TORCH_VARLEN
+from tests.helpers import make_hf_model, rel_err
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GRIDS = [(1, 28, 28), (1, 20, 14), (2, 8, 12), (1, 2, 2), (1, 32, 32)]
+
+
+def _inputs():
+    n = sum(t * h * w for t, h, w in GRIDS)
+    pv = torch.randn(n, 1176, generator=torch.Generator().manual_seed(0)).cuda()
+    return pv, torch.tensor(GRIDS).cuda()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    d = tmp_path_factory.mktemp("ckpt")
+    make_hf_model().save_pretrained(d)
+    hf32 = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=torch.float32).cuda().eval()
+    hf16 = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16).cuda().eval()
+    ours = QwenBatchedVL.from_pretrained(d, device="cuda", dtype=torch.bfloat16)
+    return hf32, hf16, ours, d
+
+
+@cuda
+def test_bf16_vision_matches_reference(models):
+    hf32, hf16, ours, _ = models
+    pv, g = _inputs()
+    with torch.no_grad():
+        ref32 = hf32.model.visual(pv, grid_thw=g).pooler_output
+        ref16 = hf16.model.visual(pv, grid_thw=g).pooler_output
+    out = ours.encode_images(pv, g)
+    e_ref, e_ours, e_pair = rel_err(ref16, ref32), rel_err(out, ref32), rel_err(out, ref16)
+    print(f"bf16 vision: ref16 vs fp32 {e_ref:.2e}, ours vs fp32 {e_ours:.2e}, ours vs ref16 {e_pair:.2e}")
+    assert e_ours <= max(2 * e_ref, 2e-2)
+    assert e_pair <= 3e-2
+
+
+@cuda
+@pytest.mark.skipif(not HAS_TORCH_VARLEN, reason="torch.nn.attention.varlen missing")
+def test_varlen_backend_matches_sdpa(models):
+    *_, d = models
+    pv, g = _inputs()
+    a = QwenBatchedVL.from_pretrained(d, device="cuda", dtype=torch.bfloat16, attn_backend="torch_varlen")
+    b = QwenBatchedVL.from_pretrained(d, device="cuda", dtype=torch.bfloat16, attn_backend="sdpa")
+    assert rel_err(a.encode_images(pv, g), b.encode_images(pv, g)) <= 2e-2
+
+
+@cuda
+def test_fp32_cuda_parity(models):
+    hf32, _, _, d = models
+    pv, g = _inputs()
+    ours = QwenBatchedVL.from_pretrained(d, device="cuda", dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf32.model.visual(pv, grid_thw=g).pooler_output
+    assert rel_err(ours.encode_images(pv, g), ref) <= 1e-4  # TF32 may be on for matmuls
