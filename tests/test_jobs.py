@@ -1,0 +1,431 @@
+"""``python -m qwen_batched answer|extract``: planning, shards and resume, bad items, torchrun, features.
+
+The job machinery is first checked against a small fake model (fast, and it can record what it is given);
+the end-to-end tests run the real random-weight tiny model in subprocesses, as a user would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from qwen_batched import jobs
+from qwen_batched.config import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ================================================================================================ test data
+def make_images(folder, sizes, seed=0):
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    names = []
+    for i, (w, h) in enumerate(sizes):
+        arr = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
+        name = f"img{i:03d}.png"
+        Image.fromarray(arr).save(os.path.join(folder, name))
+        names.append(name)
+    return names
+
+
+def write_questions(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+def dataset(tmp_path, n=12, missing=(), corrupt=(), multi=(), seed=0):
+    """n questions over images of varied sizes; some missing, corrupt, or with two images."""
+    folder = tmp_path / "images"
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(int(torch.randint(28, 160, (1,), generator=g)), int(torch.randint(28, 160, (1,), generator=g)))
+             for _ in range(n)]
+    names = make_images(str(folder), sizes, seed)
+    for i in corrupt:
+        with open(folder / names[i], "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n not really a png")
+    rows = []
+    for i in range(n):
+        img = "does-not-exist.png" if i in missing else names[i]
+        if i in multi:
+            img = [names[i], names[(i + 1) % n]]
+        rows.append({"question_id": f"q{i}", "image": img, "text": f"What is shown in picture {i}?"})
+    write_questions(tmp_path / "q.jsonl", rows)
+    return str(tmp_path / "q.jsonl"), str(folder)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def strip_ids(rows):
+    return [{k: v for k, v in r.items() if k != "answer_id"} for r in rows]
+
+
+# ================================================================================================ fake model
+@dataclasses.dataclass
+class Inputs:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    sequences: torch.Tensor
+    lengths: torch.Tensor
+    texts: list | None
+
+
+@dataclasses.dataclass
+class FeatureOutput:
+    hidden_states: tuple
+    attention_mask: torch.Tensor
+    image_mask: torch.Tensor
+    vision_embeds: torch.Tensor | None
+    layers: tuple
+
+
+class FakeTokenizer:
+    def encode(self, s):
+        return list(s.encode())
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+
+class FakeProcessor:
+    """Byte tokens; each image -> vision_start, (h/28)*(w/28) image tokens, vision_end; left padding."""
+
+    def __init__(self, cfg, log):
+        self.cfg, self.tokenizer, self.log = cfg, FakeTokenizer(), log
+        self.started = threading.Event()
+
+    def prepare(self, images, texts, chat_template=True, padding_side="left"):
+        self.log.append(("prepare", threading.current_thread().name, [t for t in texts]))
+        cfg = self.cfg
+        rows, grids, pvs = [], [], []
+        for imgs, text in zip(images, texts):
+            ids = []
+            for im in imgs:
+                h, w = max(2, im.shape[1] // 28 * 2), max(2, im.shape[2] // 28 * 2)
+                grids.append([1, h, w])
+                pvs.append(torch.full((h * w, cfg.vision.patch_dim), float(im.float().mean())))
+                ids += [cfg.vision_start_token_id] + [cfg.image_token_id] * (h * w // 4) + [cfg.vision_end_token_id]
+            rows.append(ids + list(text.encode()))
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), cfg.pad_token_id)
+        mask = torch.zeros(len(rows), L, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, L - len(r):] = torch.tensor(r)
+            mask[b, L - len(r):] = 1
+        return Inputs(ids, mask, torch.cat(pvs) if pvs else None, torch.tensor(grids) if grids else None)
+
+
+class FakeModel:
+    """Answers "<image tokens>-<prompt tokens>-<mean pixel>", independent of batching; can crash on cue."""
+
+    def __init__(self, crash_after=None, fail_on=None):
+        self.cfg = tiny_config()
+        self.log = []
+        self.processor = FakeProcessor(self.cfg, self.log)
+        self.device = torch.device("cpu")
+        self.batches = []
+        self.crash_after, self.fail_on = crash_after, fail_on
+
+    def _check(self, input_ids, attention_mask, pixel_values, image_grid_thw):
+        n_img = int((input_ids == self.cfg.image_token_id).sum())
+        n_feat = 0 if image_grid_thw is None else int(image_grid_thw.prod(-1).sum()) // 4
+        assert n_img == n_feat and (pixel_values is None or pixel_values.shape[0] == n_feat * 4)
+        if self.crash_after is not None and len(self.batches) >= self.crash_after:
+            raise KeyboardInterrupt  # not an Exception: the run dies like a killed process
+        rows = []
+        for b in range(input_ids.shape[0]):
+            ids = input_ids[b][attention_mask[b].bool()]
+            if self.fail_on is not None and self.fail_on.encode() in bytes(int(i) for i in ids if i < 256):
+                raise RuntimeError("simulated out of memory")
+            rows.append(ids)
+        self.batches.append(input_ids.shape[0])
+        return rows
+
+    def generate(self, *, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, max_new_tokens=32,
+                 eos_token_id=None, **kw):
+        self.log.append(("generate", threading.current_thread().name, input_ids.shape[0]))
+        rows = self._check(input_ids, attention_mask, pixel_values, image_grid_thw)
+        seqs, lens, texts = [], [], []
+        for ids in rows:
+            pv = 0.0 if pixel_values is None else float(pixel_values.mean())
+            s = f"{int((ids == self.cfg.image_token_id).sum())}-{len(ids)}"
+            toks = (list(s.encode()) + [eos_token_id[0]])[:max_new_tokens]
+            lens.append(len(toks))
+            texts.append(bytes(t for t in toks if t < 256).decode())
+            seqs.append(toks + [self.cfg.pad_token_id] * (max_new_tokens - len(toks)))
+            del pv
+        return GenerateOutput(torch.tensor(seqs), torch.tensor(lens), texts)
+
+    def extract_features(self, *, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, layers=None,
+                         final_norm=True):
+        self._check(input_ids, attention_mask, pixel_values, image_grid_thw)
+        n = self.cfg.text.num_hidden_layers
+        layers = tuple(i % (n + 1) for i in layers)
+        base = input_ids.float()[..., None] * torch.arange(1, 5).float()
+        hs = tuple((base + L) * attention_mask[..., None] for L in layers)
+        return FeatureOutput(hs, attention_mask, input_ids == self.cfg.image_token_id, None, layers)
+
+
+def run_fake(model, *argv):
+    return jobs.main(["answer", "--model", "tiny", "--no-progress", *map(str, argv)], model=model)
+
+
+# ================================================================================================ planning
+def test_smart_resize_reference_examples():
+    assert jobs.smart_resize(200, 300, max_pixels=1003520) == (196, 308)
+    assert jobs.smart_resize(700, 1000, max_pixels=1003520) == (700, 1008)
+    assert jobs.smart_resize(2000, 3000, max_pixels=1003520) == (812, 1204)
+    assert jobs.smart_resize(10, 10) == (56, 56)
+
+
+def test_split_balanced_is_balanced_deterministic_and_complete():
+    g = torch.Generator().manual_seed(0)
+    costs = (torch.rand(203, generator=g) ** 3 * 4000 + 50).tolist()
+    for world in (1, 2, 3, 8):
+        parts = jobs.split_balanced(costs, world)
+        assert sorted(i for p in parts for i in p) == list(range(len(costs)))
+        assert all(p == sorted(p) for p in parts)
+        loads = [sum(costs[i] for i in p) for p in parts]
+        assert max(loads) - min(loads) <= max(costs) + 1e-6
+        assert parts == jobs.split_balanced(costs, world)
+    # by cost, not by count: one huge item is a rank's whole share
+    assert jobs.split_balanced([1000, 1, 1, 1, 1], 2) == [[0], [1, 2, 3, 4]]
+
+
+def test_plan_batches_limits_and_padding():
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(50, 3000, (300,), generator=g).tolist()
+    order = list(range(300))
+    batches = jobs.plan_batches(order, tokens, batch_size=8, max_batch_tokens=12000, window=100, extra_tokens=64)
+    assert sorted(i for b in batches for i in b) == order
+    for b in batches:
+        assert len(b) <= 8
+        assert len(b) == 1 or len(b) * (max(tokens[i] for i in b) + 64) <= 12000
+    for w0 in range(0, 300, 100):  # batches never mix windows
+        assert all(all(w0 <= i < w0 + 100 for i in b) or all(not w0 <= i < w0 + 100 for i in b) for b in batches)
+
+    def padding(bs):
+        return sum(len(b) * max(tokens[i] for i in b) - sum(tokens[i] for i in b) for b in bs)
+
+    naive = [order[i:i + 8] for i in range(0, 300, 8)]
+    sorted_b = jobs.plan_batches(order, tokens, batch_size=8, window=100)
+    assert padding(sorted_b) < 0.3 * padding(naive)
+    # an item over the budget alone is still scheduled, alone
+    assert jobs.plan_batches([0, 1], [10, 10_000], batch_size=4, max_batch_tokens=100) == [[1], [0]]
+
+
+def test_token_estimate_from_headers(tmp_path):
+    make_images(str(tmp_path), [(300, 200)])
+    est = jobs.TokenEstimator(None, tiny_config())
+    item = jobs.Item(0, "k", 0, [str(tmp_path / "img000.png")], "hi")
+    total, img = est(item)
+    assert img == (196 // 28) * (308 // 28) + 2  # (h, w) = (200, 300) -> 196 x 308
+    assert total > img
+    assert est(jobs.Item(0, "k", 0, [str(tmp_path / "missing.png")], "hi"))[1] == 0
+
+
+def test_read_questions_keys_and_bad_lines(tmp_path):
+    p = tmp_path / "q.jsonl"
+    write_questions(p, [{"question_id": 7, "image": "a.png", "text": "<image>\nWhat?"},
+                        "{not json", "", {"question_id": 7, "image": ["a.png", "b.png"], "text": "x"},
+                        {"question_id": 9, "text": "no image"}])
+    items = jobs.read_questions(str(p), "/data")
+    assert [it.index for it in items] == [0, 1, 2, 3]
+    assert items[0].text == "What?" and items[0].images == ["/data/a.png"]
+    assert items[1].error and "invalid" in items[1].error
+    assert [it.key for it in items] == ["line:0", "line:1", "line:2", "id:9"]  # 7 repeats: keyed by line
+    assert items[2].images == ["/data/a.png", "/data/b.png"] and items[3].images == []
+
+
+def test_progress_line():
+    import io
+
+    s = io.StringIO()
+    p = jobs.Progress(10, "answer", interval=0.0, stream=s)
+    p.update(4)
+    p.close()
+    lines = s.getvalue().splitlines()
+    assert lines[0].startswith("answer: 4/10 [ 40.0%]") and "it/s" in lines[0] and "eta" in lines[0]
+    assert lines[-1].startswith("answer: 4/10")
+
+
+# ============================================================================================ fake-model jobs
+def test_answer_format_order_and_bad_items(tmp_path):
+    q, folder = dataset(tmp_path, n=14, missing=(3,), corrupt=(6,), multi=(9,))
+    with open(q, "a") as f:
+        f.write("{broken\n")
+    out = tmp_path / "a.jsonl"
+    m = FakeModel()
+    run_fake(m, "--questions", q, "--image-folder", folder, "--answers", out, "--batch-size", 4, "--shard-size", 3)
+    rows = read_jsonl(out)
+    assert [r["question_id"] for r in rows] == [f"q{i}" for i in range(14)] + [None]
+    for r in rows:
+        assert set(r) - {"error"} == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+        assert r["model_id"] == "tiny" and len(r["answer_id"]) == 22
+    errs = {r["question_id"]: r["error"] for r in rows if "error" in r}
+    assert set(errs) == {"q3", "q6", None}
+    assert "FileNotFoundError" in errs["q3"] and "invalid question line" in errs[None]
+    assert "does-not-exist.png" in errs["q3"]
+    good = [r for r in rows if "error" not in r]
+    for r in good:
+        i = int(r["question_id"][1:])
+        md = r["metadata"]
+        assert r["prompt"] == f"What is shown in picture {i}?"
+        assert md["finish_reason"] == "stop" and md["n_images"] == (2 if i == 9 else 1)
+        n_img, n_prompt = map(int, r["text"].split("-"))
+        assert md["n_prompt_tokens"] == n_prompt and md["n_new_tokens"] == len(r["text"])
+        assert len(md["image_sizes"]) == md["n_images"]
+    assert len(set(r["answer_id"] for r in rows)) == len(rows)
+    assert max(m.batches) <= 4 and sum(m.batches) == len(good)
+
+
+def test_batches_are_prepared_in_background_while_the_model_runs(tmp_path):
+    q, folder = dataset(tmp_path, n=8)
+    m = FakeModel()
+    seen_while_generating = []
+    orig = m.generate
+
+    def slow_generate(**kw):
+        # while the first batch is in the model, a worker thread must prepare the second one
+        t_end = time.time() + 5
+        while not seen_while_generating and time.time() < t_end and \
+                sum(1 for e in m.log if e[0] == "prepare") < 2:
+            time.sleep(0.005)
+        seen_while_generating.append(sum(1 for e in m.log if e[0] == "prepare"))
+        return orig(**kw)
+
+    m.generate = slow_generate
+    run_fake(m, "--questions", q, "--image-folder", folder, "--answers", tmp_path / "a.jsonl", "--batch-size", 2,
+             "--workers", 2)
+    prepare_threads = {e[1] for e in m.log if e[0] == "prepare"}
+    generate_threads = {e[1] for e in m.log if e[0] == "generate"}
+    assert generate_threads == {threading.main_thread().name}
+    assert prepare_threads and threading.main_thread().name not in prepare_threads
+    assert seen_while_generating[0] >= 2  # batch 2 was prepared during batch 1
+
+
+def test_resume_after_crash_no_duplicates_no_losses(tmp_path):
+    q, folder = dataset(tmp_path, n=20, missing=(4,))
+    common = ["--questions", q, "--image-folder", folder, "--batch-size", 2, "--shard-size", 3, "--sort-window", 4]
+    run_fake(FakeModel(), *common, "--answers", tmp_path / "ref.jsonl")
+    out = tmp_path / "a.jsonl"
+    crashing = FakeModel(crash_after=4)
+    with pytest.raises(KeyboardInterrupt):
+        run_fake(crashing, *common, "--answers", out)
+    parts = out.parent / (out.name + ".parts")
+    shard_lines = [json.loads(line) for fn in os.listdir(parts) if fn.startswith("answers-")
+                   for line in open(parts / fn)]
+    assert 0 < len(shard_lines) < 20 and not out.exists()
+    assert len({d["key"] for d in shard_lines}) == len(shard_lines)
+    # a leftover temporary file (a shard write cut short) must be ignored
+    (parts / ".tmp-answers-run00001-abcdef-r00000-000009.jsonl.1").write_text('{"key": "id:q0", "answ')
+    second = FakeModel()
+    run_fake(second, *common, "--answers", out)
+    assert sum(second.batches) == 19 - sum(1 for d in shard_lines if "error" not in d["answer"])
+    rows = read_jsonl(out)
+    assert strip_ids(rows) == strip_ids(read_jsonl(tmp_path / "ref.jsonl"))
+    assert len({r["answer_id"] for r in rows}) == 20
+    # earlier answers are kept as they were (same answer_id), not recomputed
+    first = {d["answer"]["question_id"]: d["answer"]["answer_id"] for d in shard_lines}
+    assert all(r["answer_id"] == first[r["question_id"]] for r in rows if r["question_id"] in first)
+    # a third run has nothing to do and does not need the model
+    third = FakeModel(crash_after=0)
+    run_fake(third, *common, "--answers", out)
+    assert third.batches == [] and strip_ids(read_jsonl(out)) == strip_ids(rows)
+
+
+def test_settings_change_is_refused_and_overwrite_discards(tmp_path):
+    q, folder = dataset(tmp_path, n=4)
+    common = ["--questions", q, "--image-folder", folder, "--answers", tmp_path / "a.jsonl"]
+    run_fake(FakeModel(), *common)
+    with pytest.raises(SystemExit, match="max_new_tokens"):
+        run_fake(FakeModel(), *common, "--max-new-tokens", 7)
+    m = FakeModel()
+    run_fake(m, *common, "--max-new-tokens", 7, "--overwrite")
+    assert sum(m.batches) == 4 and all(r["metadata"]["max_new_tokens"] == 7 for r in read_jsonl(tmp_path / "a.jsonl"))
+
+
+def test_retry_errors_and_model_failures(tmp_path):
+    q, folder = dataset(tmp_path, n=6, missing=(2,))
+    common = ["--questions", q, "--image-folder", folder, "--answers", tmp_path / "a.jsonl", "--batch-size", 3]
+    # a model failure (e.g. OOM) on one item: the batch is split, the others still get answers
+    m = FakeModel(fail_on="picture 4")
+    run_fake(m, *common)
+    rows = {r["question_id"]: r for r in read_jsonl(tmp_path / "a.jsonl")}
+    assert "simulated out of memory" in rows["q4"]["error"] and "FileNotFoundError" in rows["q2"]["error"]
+    assert all("error" not in rows[f"q{i}"] for i in (0, 1, 3, 5))
+    # the next run retries the model failure by itself, but not the data error ...
+    m = FakeModel()
+    run_fake(m, *common)
+    rows = {r["question_id"]: r for r in read_jsonl(tmp_path / "a.jsonl")}
+    assert m.batches == [1] and "error" not in rows["q4"] and "error" in rows["q2"]
+    # ... which --retry-errors redoes once the file is there
+    before = rows
+    os.replace(os.path.join(folder, "img000.png"), os.path.join(folder, "does-not-exist.png"))
+    m = FakeModel()
+    run_fake(m, *common, "--retry-errors")
+    rows = {r["question_id"]: r for r in read_jsonl(tmp_path / "a.jsonl")}
+    assert m.batches == [1] and "error" not in rows["q2"]
+    assert all(rows[k] == before[k] for k in before if k != "q2")  # finished answers are not redone
+
+
+def test_systematic_model_failure_stops_the_run(tmp_path):
+    q, folder = dataset(tmp_path, n=10)
+    m = FakeModel(fail_on="picture")
+    with pytest.raises(RuntimeError, match="failed on 3 items in a row"):
+        run_fake(m, "--questions", q, "--image-folder", folder, "--answers", tmp_path / "a.jsonl",
+                 "--max-model-failures", 3, "--shard-size", 1)
+    assert not (tmp_path / "a.jsonl").exists()
+
+
+def test_slice_inputs_keeps_each_rows_images():
+    m = FakeModel()
+    imgs = [[torch.zeros(3, 56, 56)], [torch.ones(3, 56, 84), torch.ones(3, 28, 28) * 2], [], [torch.ones(3, 84, 56) * 3]]
+    full = m.processor.prepare(imgs, ["a", "bb", "ccc", "d"])
+    for rows in ([0], [1], [2], [3], [1, 3], [0, 2]):
+        part = jobs._slice_inputs(full, rows, m.cfg.image_token_id)
+        ref = m.processor.prepare([imgs[r] for r in rows], [["a", "bb", "ccc", "d"][r] for r in rows])
+        assert torch.equal(part["input_ids"], ref.input_ids) and torch.equal(part["attention_mask"], ref.attention_mask)
+        for k in ("pixel_values", "image_grid_thw"):
+            a, b = part[k], getattr(ref, k)
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_extract_with_fake_model_index_and_rows(tmp_path):
+    folder = tmp_path / "imgs"
+    make_images(str(folder), [(56, 56), (84, 112), (140, 56)])
+    (folder / "broken.jpg").write_bytes(b"nope")
+    out = tmp_path / "feats"
+    m = FakeModel()
+    jobs.main(["extract", "--model", "tiny", "--images", str(folder), "--out", str(out), "--layers", "-1,2",
+               "--text", "hi", "--shard-size", "2", "--batch-size", "2", "--no-progress"], model=m)
+    index = json.load(open(out / "index.json"))
+    assert [e["id"] for e in index["items"]] == ["broken.jpg", "img000.png", "img001.png", "img002.png"]
+    assert index["layers"] == [4, 2] and "error" in index["items"][0]
+    for i, e in enumerate(index["items"][1:], start=1):
+        t = jobs.load_features(str(out), i)
+        ids = t["input_ids"].long()
+        assert e["length"] == len(ids) == e["n_prompt_tokens"]
+        assert torch.equal(t["layer.2"], ids.float()[:, None] * torch.arange(1, 5) + 2)
+        assert torch.equal(t["image_mask"], ids == m.cfg.image_token_id)
+        assert e["n_image_tokens"] == int(t["image_mask"].sum()) and e["image_spans"] == [[1, 1 + e["n_image_tokens"]]]
+        assert torch.equal(t["position"], torch.arange(len(ids), dtype=torch.int32))
+    assert sorted(os.listdir(out)) == sorted(index["shards"] + ["index.json", "settings.json"])
