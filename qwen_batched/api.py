@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 
 from .attention import resolve_backend
 from .config import ModelConfig, load_generation_eos
-from .text import TextModel
+from .generation import check_sampling, generate_tokens
+from .outputs import FeatureOutput, GenerateOutput
+from .rope import rope_index
+from .text import TextModel, run_batch
 from .vision import VisionTransformer
 
 
@@ -156,3 +160,181 @@ class QwenBatchedVL(nn.Module):
         """
         return self.visual(pixel_values, image_grid_thw, backend=self.attn_backend,
                            return_pre_merger=return_pre_merger)
+
+    # ------------------------------------------------------------------ decoder: features and generation
+    @torch.inference_mode()
+    def extract_features(self, *, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                         pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                         images=None, texts=None, layers=None, final_norm: bool = True) -> FeatureOutput:
+        """Decoder hidden states of a batch, in the reference's ``output_hidden_states`` convention.
+
+        input_ids / attention_mask: (B, L), any padding side. pixel_values (sum t*h*w, C*T*P*P) and
+        image_grid_thw (n_images, 3) for the image tokens, images in (batch, sequence) order. Or ``images=`` /
+        ``texts=``, run through ``model.processor``.
+        layers: indices to return (default all): 0 = embeddings, i = output of layer i, num_layers = after the
+        final norm (before it when ``final_norm=False``); negative indices count from the end. Layers past the
+        deepest requested one are not run.
+        """
+        layers = self._resolve_layers(layers)
+        if not isinstance(final_norm, bool):
+            raise TypeError(f"final_norm must be a bool, got {type(final_norm).__name__}")
+        x = self._decoder_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, images, texts)
+        _, states = run_batch(self.model, x.embeds, x.position_ids, x.valid, kernel=self._text_kernel(),
+                              depth=max(layers), keep=layers, final_norm=final_norm)
+        return FeatureOutput(hidden_states=tuple(states[i] for i in layers), attention_mask=x.attention_mask,
+                             image_mask=x.image_mask, vision_embeds=x.vision_embeds, layers=layers)
+
+    @torch.inference_mode()
+    def generate(self, *, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                 images=None, texts=None, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, eos_token_id: int | list[int] | None = None, seed: int | None = None,
+                 compile: bool = False) -> GenerateOutput:
+        """Generate for a whole batch: one prefill, then fixed-shape decode steps over a static KV cache.
+
+        Inputs as for ``extract_features``. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off;
+        ``seed`` makes sampling reproducible. eos_token_id: None = the checkpoint's EOS ids, an int or a list
+        overrides, [] never stops. A row stops after its EOS (later slots hold the pad id); the loop ends when all
+        rows have stopped. compile=True runs the decode step through torch.compile (CUDA graphs on GPU; falls
+        back to eager if compilation fails).
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        check_sampling(temperature, top_k, top_p)
+        eos_ids = self._resolve_eos(eos_token_id)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+        x = self._decoder_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, images, texts)
+        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        seqs, lengths = generate_tokens(
+            self, x.embeds, x.position_ids, x.valid, max_new_tokens=max_new_tokens, temperature=float(temperature),
+            top_k=top_k, top_p=float(top_p), eos_ids=eos_ids, pad_id=self.cfg.pad_token_id, generator=gen,
+            kernel=self._text_kernel(), compile=compile, sync_every=4 if self.device.type == "cuda" else 1)
+        tokenizer = getattr(self.processor, "tokenizer", None) if self.processor is not None else None
+        texts_out = None
+        if tokenizer is not None:
+            rows = [s[:n] for s, n in zip(seqs.tolist(), lengths.tolist())]
+            texts_out = list(tokenizer.batch_decode(rows, skip_special_tokens=True))
+        return GenerateOutput(sequences=seqs, lengths=lengths, texts=texts_out)
+
+    def _text_kernel(self) -> str:
+        """'flash' / 'torch_varlen' (packed prefill) on CUDA in half precision, else 'sdpa' (padded)."""
+        return resolve_backend(self.attn_backend, self.device, self.dtype)
+
+    def _resolve_layers(self, layers) -> tuple[int, ...]:
+        n = self.cfg.text.num_hidden_layers
+        if layers is None:
+            return tuple(range(n + 1))
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = [layers]
+        if not isinstance(layers, (list, tuple, range)):
+            raise TypeError(f"layers must be None, an int or a sequence of ints, got {type(layers).__name__}")
+        if len(layers) == 0:
+            raise ValueError("layers must name at least one hidden state (or be None for all)")
+        for i in layers:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise TypeError(f"layers must hold ints, got {i!r}")
+            if not -(n + 1) <= i <= n:
+                raise ValueError(f"layers index {i} out of range: hidden states are 0..{n} (or -{n + 1}..-1)")
+        return tuple(i % (n + 1) for i in layers)
+
+    def _resolve_eos(self, eos_token_id) -> tuple[int, ...]:
+        if eos_token_id is None:
+            return tuple(self.cfg.eos_token_ids)
+        ids = [eos_token_id] if isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool) else eos_token_id
+        if not isinstance(ids, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+            raise TypeError(f"eos_token_id must be None, an int or a list of ints, got {eos_token_id!r}")
+        if any(not 0 <= i < self.cfg.text.vocab_size for i in ids):
+            raise ValueError(f"eos_token_id {eos_token_id!r} outside the vocabulary (0..{self.cfg.text.vocab_size - 1})")
+        return tuple(ids)
+
+    def _decoder_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, images, texts):
+        """Validate everything, then encode the images and build embeddings and 3-D positions."""
+        if images is not None or texts is not None:
+            given = [k for k, v in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                                    ("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw)) if v is not None]
+            if given:
+                raise ValueError(f"pass either images=/texts= or {'/'.join(given)}=, not both")
+            if self.processor is None:
+                raise ValueError("images=/texts= need model.processor, which is None for this model; tokenize "
+                                 "yourself and pass input_ids= (with pixel_values= and image_grid_thw= for images)")
+            inputs = self.processor.prepare(images, texts, chat_template=True, padding_side="left",
+                                            device=self.device)
+            input_ids, attention_mask = inputs.input_ids, inputs.attention_mask
+            pixel_values, image_grid_thw = inputs.pixel_values, inputs.image_grid_thw
+        ids, mask, n_image_tokens = self._check_ids(input_ids, attention_mask)
+        grid = self._check_images(pixel_values, image_grid_thw, n_image_tokens)
+        dev = self.device
+        ids, mask = ids.to(dev), mask.to(dev)
+        embeds = self.model.embed_tokens(ids)  # (B, L, D)
+        image_mask = ids == self.cfg.image_token_id
+        vision = None
+        if grid is not None:
+            grid = grid.to(dev)
+            vision = self.encode_images(pixel_values.to(dev), grid).to(embeds.dtype)  # (n_image_tokens, D)
+            embeds = embeds.masked_scatter(image_mask[..., None], vision)
+        position_ids, _ = rope_index(ids, mask, grid, image_token_id=self.cfg.image_token_id,
+                                     spatial_merge_size=self.cfg.vision.spatial_merge_size)
+        return SimpleNamespace(embeds=embeds, position_ids=position_ids, valid=mask.bool(), attention_mask=mask,
+                               image_mask=image_mask, vision_embeds=vision)
+
+    def _check_ids(self, input_ids, attention_mask):
+        if input_ids is None:
+            raise ValueError("input_ids is required (or texts=/images= with a processor)")
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        ids, mask = input_ids.long(), attention_mask.long()
+        vocab = self.cfg.text.vocab_size
+        stats = torch.stack([
+            ((ids < 0) | (ids >= vocab)).sum(), ((mask != 0) & (mask != 1)).sum(), (mask.sum(1) == 0).sum(),
+            (ids == self.cfg.video_token_id).sum(), (ids == self.cfg.image_token_id).sum()]).tolist()
+        bad_ids, bad_mask, empty_rows, n_video, n_image = stats
+        if bad_ids:
+            raise ValueError(f"input_ids holds {bad_ids} ids outside the vocabulary (0..{vocab - 1})")
+        if bad_mask:
+            raise ValueError("attention_mask must hold only 0 and 1")
+        if empty_rows:
+            raise ValueError(f"attention_mask has {empty_rows} rows without any real token")
+        if n_video:
+            raise ValueError(f"input_ids holds {n_video} video tokens; videos are not supported")
+        return ids, mask, n_image
+
+    def _check_images(self, pixel_values, image_grid_thw, n_image_tokens: int):
+        if (pixel_values is None) != (image_grid_thw is None):
+            raise ValueError("pixel_values and image_grid_thw must be given together")
+        if pixel_values is None:
+            if n_image_tokens:
+                raise ValueError(f"input_ids holds {n_image_tokens} image tokens but no pixel_values/image_grid_thw were given")
+            return None
+        if not isinstance(pixel_values, torch.Tensor) or not isinstance(image_grid_thw, torch.Tensor):
+            raise TypeError("pixel_values and image_grid_thw must be torch.Tensors")
+        if image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3 or image_grid_thw.dtype.is_floating_point:
+            raise ValueError(f"image_grid_thw must be an integer (n_images, 3) tensor, got {image_grid_thw.dtype} "
+                             f"{tuple(image_grid_thw.shape)}")
+        v = self.cfg.vision
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != v.patch_dim:
+            raise ValueError(f"pixel_values must be (n_patches, {v.patch_dim}), got {tuple(pixel_values.shape)}")
+        grid = image_grid_thw.long()
+        m = v.spatial_merge_size
+        if bool((grid < 1).any()) or bool((grid[:, 1:] % m != 0).any()):
+            raise ValueError(f"image_grid_thw entries must be >= 1 with h, w divisible by {m}, got {grid.tolist()}")
+        n_patches = int(grid.prod(-1).sum())
+        if pixel_values.shape[0] != n_patches:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patch rows but image_grid_thw gives {n_patches}")
+        n_features = n_patches // (m * m)
+        if n_image_tokens != n_features:
+            raise ValueError(f"input_ids holds {n_image_tokens} image tokens but image_grid_thw gives "
+                             f"{n_features} image features (sum t*h*w/{m * m})")
+        return grid

@@ -2,14 +2,35 @@
 
 Module names mirror the checkpoint (``model.embed_tokens``, ``model.layers.N.self_attn.q_proj`` ...), so the
 loader maps keys one to one.
+
+The layers are layout-agnostic: tokens are (..., T, D), either padded (B, L, D) or packed (T, D). Attention
+itself is a callable ``attn(layer_idx, q, k, v) -> o`` with q (..., T, H, hd), k/v (..., T, Hkv, hd) and
+o (..., T, H*hd), so one decoder serves the padded SDPA prefill, the packed varlen prefill and the KV-cache
+decode step (see the ``*Attention`` classes below and ``generation.py``).
 """
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .config import TextConfig
 from .layers import RMSNorm, SwiGLU
+from .rope import apply_rope, inv_freq, mrope_cos_sin, section_index
+
+try:  # optional: pip install qwen_batched[flash]
+    from flash_attn import flash_attn_varlen_func as _flash_varlen
+except Exception:  # ImportError, or a broken CUDA build
+    _flash_varlen = None
+try:
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen
+except Exception:
+    _torch_varlen = None
+
+AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Attention(nn.Module):
@@ -22,6 +43,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * hd, bias=True)
         self.o_proj = nn.Linear(cfg.num_attention_heads * hd, cfg.hidden_size, bias=False)
 
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttnFn, idx: int) -> torch.Tensor:
+        """x (..., T, D), cos/sin (..., T, hd) -> (..., T, D)"""
+        lead = x.shape[:-1]
+        q = self.q_proj(x).view(*lead, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(*lead, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(*lead, self.n_kv, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.o_proj(attn(idx, q, k, v))
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig):
@@ -31,6 +61,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False)
 
+    def forward(self, x, cos, sin, attn: AttnFn, idx: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig):
@@ -39,3 +73,136 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttnFn, *,
+                depth: int | None = None, keep: Iterable[int] = (), final_norm: bool = True,
+                ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run the first ``depth`` layers (default all) on embeddings h (..., T, D).
+
+        ``keep``: hidden-state indices to return (0 = embeddings, i = output of layer i; index num_layers is
+        taken after the final norm when ``final_norm``). Returns (last state, {index: state}); the last state is
+        normed iff depth == num_layers and final_norm.
+        """
+        n = len(self.layers)
+        depth = n if depth is None else depth
+        keep = set(keep)
+        states = {0: h} if 0 in keep else {}
+        for i in range(depth):
+            h = self.layers[i](h, cos, sin, attn, i)
+            if i + 1 in keep:
+                states[i + 1] = h
+        if depth == n and final_norm:
+            h = self.norm(h)
+            if n in keep:
+                states[n] = h
+        return h, states
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def _merge_heads(o: torch.Tensor) -> torch.Tensor:
+    return o.flatten(-2)  # (..., T, H, hd) -> (..., T, H*hd)
+
+
+class PaddedAttention:
+    """SDPA over a padded batch: causal plus key-padding mask; optionally fills a compact KV cache.
+
+    mask: (B, 1, L, L) bool from ``padded_mask``. q (B, L, H, hd), k/v (B, L, Hkv, hd).
+    """
+
+    def __init__(self, mask: torch.Tensor, sink: Callable | None = None, valid: torch.Tensor | None = None):
+        self.mask, self.sink, self.valid = mask, sink, valid
+
+    def __call__(self, idx, q, k, v):
+        if self.sink is not None:  # the cache keeps only real tokens, in order
+            self.sink(idx, k[self.valid], v[self.valid])
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=self.mask, enable_gqa=q.shape[-2] != k.shape[-2])
+        return _merge_heads(o.transpose(1, 2))
+
+
+def padded_mask(valid: torch.Tensor) -> torch.Tensor:
+    """valid (B, L) bool -> (B, 1, L, L) bool: causal over real keys. A pad query also sees itself, so its
+    (unused) row stays finite instead of NaN."""
+    L = valid.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(L, dtype=torch.bool, device=valid.device)
+    return ((causal & valid[:, None, :]) | eye)[:, None]
+
+
+class PackedAttention:
+    """Causal varlen attention over packed tokens (CUDA, fp16/bf16): q (T, H, hd), k/v (T, Hkv, hd)."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, max_len: int, kernel: str, sink: Callable | None = None):
+        if kernel not in ("flash", "torch_varlen"):
+            raise ValueError(f"packed attention kernel must be 'flash' or 'torch_varlen', got {kernel!r}")
+        self.cu, self.max_len, self.kernel, self.sink = cu_seqlens, max_len, kernel, sink
+
+    def __call__(self, idx, q, k, v):
+        if self.sink is not None:
+            self.sink(idx, k, v)
+        if self.kernel == "flash":
+            o = _flash_varlen(q, k, v, self.cu, self.cu, self.max_len, self.max_len, causal=True)
+        else:
+            o = _torch_varlen(q, k, v, self.cu, self.cu, self.max_len, self.max_len, window_size=(-1, 0),
+                              enable_gqa=q.shape[-2] != k.shape[-2])
+        return _merge_heads(o)
+
+
+# ---------------------------------------------------------------------------------------------- batch forward
+_ROPE_TABLES: dict = {}
+
+
+def rope_tables(cfg: TextConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 inverse frequencies, section axis index), cached per device; never cast with the model."""
+    key = (cfg.head_dim, cfg.rope_theta, tuple(cfg.mrope_section), str(device))
+    if key not in _ROPE_TABLES:
+        _ROPE_TABLES[key] = (inv_freq(cfg.head_dim, cfg.rope_theta, device), section_index(cfg.mrope_section, device))
+    return _ROPE_TABLES[key]
+
+
+def last_index(valid: torch.Tensor) -> torch.Tensor:
+    """valid (B, L) bool -> (B,) index of each row's last real token."""
+    return valid.shape[1] - 1 - valid.flip(1).int().argmax(1)
+
+
+def run_batch(text: TextModel, h: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor, *,
+              kernel: str = "sdpa", depth: int | None = None, keep: Iterable[int] = (), final_norm: bool = True,
+              sink: Callable | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Decoder over a padded batch.
+
+    h: (B, L, D) input embeddings; position_ids: (3, B, L); valid: (B, L) bool.
+    kernel: 'sdpa' (padded, masked SDPA) or 'flash' / 'torch_varlen' (real tokens packed, causal varlen).
+    sink(layer, k, v): receives each layer's rotated k/v of the real tokens, (T, Hkv, hd) in (batch, seq) order.
+    Returns (last (B, D): state at each row's last real token, {index: (B, L, D) state, zero at pads}).
+    """
+    freqs, sections = rope_tables(text.cfg, h.device)
+    cos, sin = mrope_cos_sin(position_ids, freqs, sections, h.dtype)  # (B, L, hd)
+    B, L, D = h.shape
+    if kernel in ("flash", "torch_varlen"):
+        try:
+            return _run_packed(text, h, cos, sin, valid, kernel, depth, keep, final_norm, sink)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # e.g. a GPU the varlen kernel does not support: padded SDPA instead
+            warnings.warn(f"packed {kernel} prefill failed ({e}); using padded SDPA")
+    attn = PaddedAttention(padded_mask(valid), sink, valid)
+    out, states = text(h, cos, sin, attn, depth=depth, keep=keep, final_norm=final_norm)
+    pad = ~valid[..., None]
+    rows = torch.arange(B, device=h.device)
+    return out[rows, last_index(valid)], {i: x.masked_fill(pad, 0) for i, x in states.items()}
+
+
+def _run_packed(text, h, cos, sin, valid, kernel, depth, keep, final_norm, sink):
+    """run_batch with the real tokens packed into (T, D) and causal varlen attention."""
+    B, L, D = h.shape
+    tok = valid.flatten().nonzero().squeeze(1)  # (T,) real tokens in (batch, seq) order
+    lens = valid.sum(1)
+    cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)  # (B+1,)
+    attn = PackedAttention(cu, int(lens.max()), kernel, sink)
+    out, packed = text(h.flatten(0, 1)[tok], cos.flatten(0, 1)[tok], sin.flatten(0, 1)[tok], attn,
+                       depth=depth, keep=keep, final_norm=final_norm)
+
+    def unpack(x):  # (T, D) -> (B, L, D), zeros at pads
+        return x.new_zeros(B * L, D).index_copy_(0, tok, x).view(B, L, D)
+
+    return out[cu[1:].long() - 1], {i: unpack(x) for i, x in packed.items()}

@@ -1,0 +1,187 @@
+"""Batched generation: static KV cache, one prefill, fixed-shape decode steps, sampling.
+
+The cache is compact: row b keeps its n_b real prompt tokens at [0, n_b) (pads dropped), and decode step j
+writes at n_b + j. A step therefore has static shapes (cache (B, Hkv, S, hd), index tensors, a length mask),
+which suits torch.compile / CUDA graphs; ``StaticDecoder`` is that step as a module.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .rope import mrope_cos_sin
+from .text import TextModel, last_index, rope_tables, run_batch
+
+
+class KVCache:
+    """Per-layer k/v caches (B, Hkv, S, hd), zero-initialised (masked slots must stay finite)."""
+
+    def __init__(self, n_layers: int, batch: int, n_kv: int, length: int, head_dim: int, device, dtype):
+        shape = (batch, n_kv, length, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.rows = self.cols = None
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[2]
+
+    def prompt_sink(self, valid: torch.Tensor):
+        """A ``run_batch`` sink writing each row's real prompt tokens to [0, n_b). valid: (B, L) bool."""
+        rows, _ = valid.nonzero(as_tuple=True)
+        cols = (valid.long().cumsum(1) - 1)[valid]  # compact column of each real token
+
+        def sink(idx: int, k: torch.Tensor, v: torch.Tensor) -> None:  # k, v: (T, Hkv, hd)
+            self.k[idx][rows, :, cols] = k
+            self.v[idx][rows, :, cols] = v
+
+        return sink
+
+
+class DecodeAttention:
+    """One new token per row: write its k/v at ``write_idx`` and attend to the cache up to it."""
+
+    def __init__(self, k_cache, v_cache, rows: torch.Tensor, write_idx: torch.Tensor):
+        S = k_cache[0].shape[2]
+        self.k, self.v, self.rows, self.write_idx = k_cache, v_cache, rows, write_idx
+        keys = torch.arange(S, device=write_idx.device)
+        self.mask = (keys[None, :] <= write_idx[:, None])[:, None, None, :]  # (B, 1, 1, S)
+
+    def __call__(self, idx, q, k, v):  # q (B, 1, H, hd), k/v (B, 1, Hkv, hd)
+        kc, vc = self.k[idx], self.v[idx]
+        kc[self.rows, :, self.write_idx] = k[:, 0]
+        vc[self.rows, :, self.write_idx] = v[:, 0]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=self.mask,
+                                           enable_gqa=q.shape[-2] != kc.shape[1])  # (B, H, 1, hd)
+        return o.transpose(1, 2).flatten(-2)
+
+
+class StaticDecoder(nn.Module):
+    """The decode step over a fixed cache: (tokens (B,), positions (3, B), write_idx (B,)) -> logits (B, V) fp32."""
+
+    def __init__(self, text: TextModel, lm_head: nn.Linear, cache: KVCache):
+        super().__init__()
+        self.text, self.lm_head, self.cache = text, lm_head, cache
+        self.register_buffer("rows", torch.arange(cache.k[0].shape[0], device=cache.k[0].device), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, write_idx: torch.Tensor) -> torch.Tensor:
+        h = self.text.embed_tokens(tokens)[:, None]  # (B, 1, D)
+        freqs, sections = rope_tables(self.text.cfg, h.device)
+        cos, sin = mrope_cos_sin(positions[..., None], freqs, sections, h.dtype)  # (B, 1, hd)
+        attn = DecodeAttention(self.cache.k, self.cache.v, self.rows, write_idx)
+        h, _ = self.text(h, cos, sin, attn)
+        return self.lm_head(h[:, 0]).float()
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def check_sampling(temperature, top_k, top_p) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) fp32 -> tokens (B,). temperature 0 is greedy; top_k 0 / top_p 1 disable those filters."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(top_k, dim=-1).indices, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        p = sorted_logits.softmax(-1)
+        drop = (p.cumsum(-1) - p) >= top_p  # the mass before a token already reaches top_p (never the first)
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    # Exponential-race sampling: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i.
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def _cache_key(model, batch: int, length: int) -> tuple:
+    return (batch, length, model.dtype, str(model.device), id(model.model))
+
+
+def _decode_fns(model, batch: int, length: int, compile: bool):
+    """(eager StaticDecoder, compiled step or None). With ``compile`` the decoder and its cache are kept on the
+    model and reused while (batch, cache length, dtype, device) stay the same, so the graph is built once."""
+    cfg = model.cfg.text
+    if compile:
+        key = _cache_key(model, batch, length)
+        kept = getattr(model, "_compiled_decode", None)
+        if kept is not None and kept[0] == key:
+            dec, step = kept[1], kept[2]
+            for t in dec.cache.k + dec.cache.v:
+                t.zero_()
+            return dec, step
+        model._compiled_decode = None  # drop the old cache before allocating a new one
+    cache = KVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, length, cfg.head_dim,
+                    model.device, model.dtype)
+    dec = StaticDecoder(model.model, model.lm_head, cache)
+    if not compile:
+        return dec, None
+    for t in cache.k + cache.v:
+        torch._dynamo.mark_static_address(t)
+    step = torch.compile(dec, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    model._compiled_decode = (key, dec, step)
+    return dec, step
+
+
+@torch.inference_mode()
+def generate_tokens(model, embeds: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor, *,
+                    max_new_tokens: int, temperature: float, top_k: int, top_p: float, eos_ids: Sequence[int],
+                    pad_id: int, generator: torch.Generator | None, kernel: str = "sdpa",
+                    compile: bool = False, sync_every: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill then decode. embeds (B, L, D), position_ids (3, B, L), valid (B, L) bool.
+
+    Returns sequences (B, max_new_tokens) (pad after a stop) and lengths (B,) (EOS included).
+    """
+    B, L, _ = embeds.shape
+    dev = embeds.device
+    S = L + max_new_tokens
+    if compile:  # fewer distinct shapes -> fewer recompiles
+        S = -(-S // 256) * 256
+    dec, step_fn = _decode_fns(model, B, S, compile)
+    cache = dec.cache
+    last_h, _ = run_batch(model.model, embeds, position_ids, valid, kernel=kernel, sink=cache.prompt_sink(valid))
+    logits = model.lm_head(last_h).float()  # (B, V)
+
+    rows = torch.arange(B, device=dev)
+    last = position_ids[:, rows, last_index(valid)]  # (3, B) position of each row's last prompt token
+    n_prompt = valid.sum(1)  # (B,) compact write index of the first new token
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=dev)
+    seqs = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    lengths = torch.zeros(B, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+
+    for j in range(max_new_tokens):
+        tok = sample(logits, temperature, top_k, top_p, generator)
+        tok = tok.masked_fill(done, pad_id)
+        seqs[:, j] = tok
+        lengths += ~done
+        done |= torch.isin(tok, eos)
+        if j == max_new_tokens - 1 or ((j + 1) % sync_every == 0 and bool(done.all())):
+            break
+        args = (tok, last + 1 + j, n_prompt + j)  # new token j sits right after the prompt's last position
+        if step_fn is not None:
+            try:
+                torch.compiler.cudagraph_mark_step_begin()
+                logits = step_fn(*args).clone()
+                continue
+            except Exception as e:  # compile/graph failure: eager from here on (the step is idempotent)
+                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); running eager")
+                step_fn = None
+                model._compiled_decode = None
+        logits = dec(*args)
+    return seqs, lengths
+
