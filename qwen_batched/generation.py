@@ -3,6 +3,9 @@
 The cache is compact: row b keeps its n_b real prompt tokens at [0, n_b) (pads dropped), and decode step j
 writes at n_b + j. A step therefore has static shapes (cache (B, Hkv, S, hd), index tensors, a length mask),
 which suits torch.compile / CUDA graphs; ``StaticDecoder`` is that step as a module.
+
+Positions of new tokens follow the reference ``generate``: new token j sits at the (t, h, w) position of the
+row's last prompt token + 1 + j (the same as ``rope_deltas`` + n_prompt + j whenever the prompt ends in text).
 """
 from __future__ import annotations
 
