@@ -38,16 +38,14 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import re
 import sys
-import threading
 import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -73,7 +71,6 @@ class Item:
     images: list[str]          # absolute paths
     text: str
     error: str | None = None   # set when the input line itself is unusable
-    extra: dict = field(default_factory=dict)
 
 
 def _strip_image_placeholder(text: str) -> str:
@@ -172,24 +169,6 @@ def read_image_inputs(spec: str, image_folder: str | None = None, text: str = ""
 
 
 # ================================================================================================= estimation
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
-    """Qwen2.5-VL's resize rule (Python ``round``: half to even); used only to estimate token counts."""
-    if max(height, width) / max(1, min(height, width)) > 200:
-        raise ValueError(f"aspect ratio of {width}x{height} exceeds 200")
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
 def image_size_from_header(path: str) -> tuple[int, int]:
     """(height, width) as the image will be decoded (EXIF rotation applied), reading only the header."""
     from PIL import Image
@@ -204,31 +183,22 @@ def image_size_from_header(path: str) -> tuple[int, int]:
 
 
 class TokenEstimator:
-    """Estimated prompt tokens of an item: image tokens after ``smart_resize`` plus text and template tokens."""
+    """Estimated prompt tokens of an item: image tokens after ``smart_resize`` plus text and template tokens.
+
+    Only image headers are read. The resize bounds are the processor's (``min_pixels``/``max_pixels``).
+    """
 
     def __init__(self, processor=None, cfg=None):
-        self.processor = processor
         v = getattr(cfg, "vision", None)
-        self.factor = (v.patch_size * v.spatial_merge_size) if v is not None else 28
-        self.merge = (v.spatial_merge_size ** 2) if v is not None else 4
-        self.min_pixels, self.max_pixels = 56 * 56, 12845056
-        for src in (processor, getattr(processor, "config", None)):
-            if src is None:
-                continue
-            for name in ("min_pixels", "max_pixels"):
-                val = getattr(src, name, None) if not isinstance(src, dict) else src.get(name)
-                if isinstance(val, (int, float)) and val > 0:
-                    setattr(self, name, int(val))
+        self.factor = int(getattr(processor, "factor", 0) or
+                          ((v.patch_size * v.spatial_merge_size) if v is not None else 28))
+        self.min_pixels = int(getattr(processor, "min_pixels", 0) or 3136)
+        self.max_pixels = int(getattr(processor, "max_pixels", 0) or 12845056)
         self.tokenizer = getattr(processor, "tokenizer", None)
 
     def resized(self, h: int, w: int) -> tuple[int, int]:
-        fn = getattr(self.processor, "smart_resize", None)
-        if callable(fn):
-            try:
-                out = fn(h, w)
-                return int(out[0]), int(out[1])
-            except TypeError:
-                pass
+        from .processor import smart_resize
+
         return smart_resize(h, w, self.factor, self.min_pixels, self.max_pixels)
 
     def image_tokens(self, path: str) -> int:
@@ -261,14 +231,14 @@ def split_balanced(costs: Sequence[float], world: int) -> list[list[int]]:
 
     Deterministic (ties by position), so every rank computes the same split. Each part is in input order.
     """
-    loads = [0.0] * world
-    counts = [0] * world
+    import heapq
+
+    heap = [(0.0, 0, r) for r in range(world)]  # (load, items, rank): the least loaded rank pops first
     parts: list[list[int]] = [[] for _ in range(world)]
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        r = min(range(world), key=lambda r: (loads[r], counts[r], r))
+        load, n, r = heapq.heappop(heap)
         parts[r].append(i)
-        loads[r] += costs[i]
-        counts[r] += 1
+        heapq.heappush(heap, (load + costs[i], n + 1, r))
     return [sorted(p) for p in parts]
 
 
@@ -316,6 +286,7 @@ class Dist:
         self.timeout_s = timeout_s
         self.group = None
         self.initialized = False
+        self.owns = False  # whether we created the process group (and so destroy it)
 
     @property
     def enabled(self) -> bool:
@@ -335,6 +306,8 @@ class Dist:
             backend = "nccl" if device.type == "cuda" else "gloo"
             kwargs = {"device_id": device} if backend == "nccl" else {}
             dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+            self.owns = True
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.group = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
         self.initialized = True
 
@@ -362,7 +335,7 @@ class Dist:
     def close(self) -> None:
         if self.initialized:
             import torch.distributed as dist
-            if dist.is_initialized():
+            if self.owns and dist.is_initialized():
                 dist.destroy_process_group()
             self.initialized = False
 
@@ -436,15 +409,21 @@ def check_settings(directory: str, settings: dict, overwrite: bool, pattern: re.
 
 
 class ShardWriter:
-    """Buffers finished records and writes them ``shard_size`` at a time as atomically replaced files."""
+    """Buffers finished records and writes them ``shard_size`` at a time as atomically replaced files.
+
+    Encoding and writing happen on one background thread (so the model does not wait for the disk); at most
+    two shards are in flight, and a write error is raised in the caller at the next ``add`` or ``flush``.
+    """
 
     def __init__(self, directory: str, prefix: str, run_id: str, rank: int, shard_size: int, ext: str,
-                 encode: Callable[[list], bytes]):
+                 encode: Callable[[list], bytes], background: bool = True):
         self.directory, self.prefix, self.run_id, self.rank = directory, prefix, run_id, rank
         self.shard_size, self.ext, self.encode = max(1, shard_size), ext, encode
         self.buffer: list = []
         self.seq = 0
         self.written: list[str] = []
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="qwen-batched-write") if background else None
+        self.pending: deque = deque()
 
     def add(self, records: Iterable) -> None:
         self.buffer.extend(records)
@@ -453,14 +432,30 @@ class ShardWriter:
             self.buffer = self.buffer[self.shard_size:]
 
     def flush(self) -> None:
+        """Write what is buffered and wait for every write to finish."""
         if self.buffer:
             self._write(self.buffer)
             self.buffer = []
+        while self.pending:
+            self.pending.popleft().result()
+
+    def close(self) -> None:
+        self.flush()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
     def _write(self, records: list) -> None:
         name = f"{self.prefix}-{self.run_id}-r{self.rank:05d}-{self.seq:06d}{self.ext}"
-        atomic_write_bytes(os.path.join(self.directory, name), self.encode(records))
         self.seq += 1
+        if self.pool is None:
+            self._save(name, records)
+            return
+        while self.pending and (self.pending[0].done() or len(self.pending) >= 2):
+            self.pending.popleft().result()  # re-raises a failed write
+        self.pending.append(self.pool.submit(self._save, name, records))
+
+    def _save(self, name: str, records: list) -> None:
+        atomic_write_bytes(os.path.join(self.directory, name), self.encode(records))
         self.written.append(name)
 
 
@@ -675,10 +670,17 @@ class Plan:
 
 
 def make_plan(items: list[Item], done_keys: set[str], estimator: Callable[[Item], tuple[int, int]], dist: Dist, *,
-              batch_size: int, max_batch_tokens: int | None, window: int, extra_tokens: int) -> Plan:
-    """The same plan on every rank: header reads are split over the ranks and all-gathered."""
+              batch_size: int, max_batch_tokens: int | None, window: int, extra_tokens: int,
+              threads: int = 4) -> Plan:
+    """The same plan on every rank: header reads are split over the ranks (and threads) and all-gathered."""
     pending = [i for i, it in enumerate(items) if it.key not in done_keys]
-    local = {i: estimator(items[i])[0] for i in pending[dist.rank::dist.world]}
+    share = pending[dist.rank::dist.world]
+    if threads > 1 and len(share) > 64:
+        with ThreadPoolExecutor(threads, thread_name_prefix="qwen-batched-estimate") as pool:
+            est = list(pool.map(lambda i: estimator(items[i])[0], share, chunksize=64))
+    else:
+        est = [estimator(items[i])[0] for i in share]
+    local = dict(zip(share, est))
     tokens = [0] * len(items)
     for part in dist.all_gather(local):
         for i, t in part.items():
@@ -773,15 +775,20 @@ class Job:
         args, dist = self.args, self.dist
         t0 = time.perf_counter()
         self.items = self.read_items()
+        failure = done_keys = run_id = None
         if dist.is_main:
-            check_settings(self.out_dir, self.settings(), args.overwrite, self.shard_re)
-            done = self.read_done()
-            done_keys = {k for k, (rec, retry, *_) in done.items()
-                         if not retry and not (args.retry_errors and "error" in rec)}
-            run_id = new_run_id(self.out_dir, self.shard_re)
-        else:
-            done_keys, run_id = None, None
-        done_keys, run_id = dist.broadcast((done_keys, run_id))
+            try:
+                check_settings(self.out_dir, self.settings(), args.overwrite, self.shard_re)
+                done = self.read_done()
+                done_keys = {k for k, (rec, retry, *_) in done.items()
+                             if not retry and not (args.retry_errors and "error" in rec)}
+                run_id = new_run_id(self.out_dir, self.shard_re)
+            except BaseException as e:  # tell the other ranks before failing, so that they do not wait
+                dist.broadcast((None, None, str(e)))
+                raise
+        done_keys, run_id, failure = dist.broadcast((done_keys, run_id, failure))
+        if failure is not None:
+            raise SystemExit(f"rank 0 failed: {failure}")
         self.model_id = model_id_of(args.model)
         if all(it.key in done_keys for it in self.items):  # nothing left: no model needed, just (re)merge
             _log(dist, f"{self.kind}: all {len(self.items)} inputs already done")
@@ -797,7 +804,7 @@ class Job:
             raise RuntimeError("the model has no processor (qwen_batched.processor is unavailable)")
         plan = make_plan(self.items, done_keys, TokenEstimator(self.processor, self.model.cfg), dist,
                          batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, window=args.sort_window,
-                         extra_tokens=self.extra_tokens)
+                         extra_tokens=self.extra_tokens, threads=max(1, args.workers))
         _log(dist, f"{self.kind}: {len(self.items)} inputs, {plan.n_done} already done, {len(plan.pending)} to do"
                    f"{f' on {dist.world} ranks' if dist.enabled else ''}; model {self.model_id} on {self.device}")
 
@@ -813,17 +820,25 @@ class Job:
                                                    cfg.vision.merge_unit)
         on_fail = lambda pos, e: self.error_result(pos, _err(e), retry=True)  # noqa: E731
         n_err = 0
-        with torch.inference_mode():
-            for lb in prefetch(plan.batches, loader, args.workers, args.prefetch):
-                self.sizes = lb.sizes
-                results = [self.error_result(pos, msg, retry=False) for pos, msg in lb.errors.items()]
-                if lb.positions:
-                    results += run_split(lb.inputs, lb.positions, self.run_batch, split, on_fail, guard, self.device)
-                results.sort(key=lambda r: r.pos)
-                n_err += sum("error" in r.record for r in results)
-                writer.add(results)
-                progress.update(len(results))
-            writer.flush()
+        try:
+            with torch.inference_mode():
+                for lb in prefetch(plan.batches, loader, args.workers, args.prefetch):
+                    self.sizes = lb.sizes
+                    results = [self.error_result(pos, msg, retry=False) for pos, msg in lb.errors.items()]
+                    if lb.positions:
+                        results += run_split(lb.inputs, lb.positions, self.run_batch, split, on_fail, guard,
+                                             self.device)
+                    results.sort(key=lambda r: r.pos)
+                    n_err += sum("error" in r.record for r in results)
+                    writer.add(results)
+                    progress.update(len(results))
+        except BaseException:
+            try:  # keep what is finished (Ctrl-C, a failing item streak ...); never mask the original error
+                writer.close()
+            except Exception:  # noqa: BLE001
+                pass
+            raise
+        writer.close()
         progress.close()
 
         stats = dist.all_gather({"n": len(plan.mine), "errors": n_err, "shards": writer.written,
@@ -865,21 +880,25 @@ def _slice_inputs(inputs, idx: list[int], image_token_id: int, merge_unit: int =
     if mm is not None:
         out["mm_token_type_ids"] = mm[sel][:, first:]
     if grid is not None and grid.numel():
-        # images belong to rows in order; a row's image-token count tells how many grids are its own
-        tokens_per_img = (grid.prod(-1) // merge_unit).tolist()
-        patches = grid.prod(-1).tolist()
-        img_rows, k = [], 0
-        for c in (full_ids == image_token_id).sum(-1).tolist():
-            mine = []
-            while c > 0 and k < len(tokens_per_img):
-                c -= tokens_per_img[k]
-                mine.append(k)
-                k += 1
-            img_rows.append(mine)
+        # the images of each row, in order: from images_per_sample, else from the rows' image-token counts
+        per_row = _field(inputs, "images_per_sample")
+        if not per_row:
+            tokens_per_img = (grid.prod(-1) // merge_unit).tolist()
+            per_row, k = [], 0
+            for c in (full_ids == image_token_id).sum(-1).tolist():
+                n = 0
+                while c > 0 and k < len(tokens_per_img):
+                    c -= tokens_per_img[k]
+                    k, n = k + 1, n + 1
+                per_row.append(n)
+        first_img = [0]
+        for n in per_row:
+            first_img.append(first_img[-1] + n)
         pstart = [0]
-        for p in patches:
+        for p in grid.prod(-1).tolist():
             pstart.append(pstart[-1] + p)
-        ks = [k for r in idx for k in img_rows[r]]
+        ks = [k for r in idx for k in range(first_img[r], first_img[r + 1])]
+        out["images_per_sample"] = tuple(per_row[r] for r in idx)
         if ks:
             out["image_grid_thw"] = grid[torch.tensor(ks, device=grid.device)]
             out["pixel_values"] = torch.cat([pv[pstart[k]:pstart[k + 1]] for k in ks])

@@ -189,13 +189,6 @@ def run_fake(model, *argv):
 
 
 # ================================================================================================ planning
-def test_smart_resize_reference_examples():
-    assert jobs.smart_resize(200, 300, max_pixels=1003520) == (196, 308)
-    assert jobs.smart_resize(700, 1000, max_pixels=1003520) == (700, 1008)
-    assert jobs.smart_resize(2000, 3000, max_pixels=1003520) == (812, 1204)
-    assert jobs.smart_resize(10, 10) == (56, 56)
-
-
 def test_split_balanced_is_balanced_deterministic_and_complete():
     g = torch.Generator().manual_seed(0)
     costs = (torch.rand(203, generator=g) ** 3 * 4000 + 50).tolist()
@@ -240,6 +233,8 @@ def test_token_estimate_from_headers(tmp_path):
     assert img == (196 // 28) * (308 // 28) + 2  # (h, w) = (200, 300) -> 196 x 308
     assert total > img
     assert est(jobs.Item(0, "k", 0, [str(tmp_path / "missing.png")], "hi"))[1] == 0
+    est = jobs.TokenEstimator(type("P", (), {"min_pixels": 3136, "max_pixels": 28 * 28 * 4, "factor": 28})())
+    assert est(item)[1] == 1 * 2 + 2  # the processor's max_pixels bound applies: 28 x 56
 
 
 def test_read_questions_keys_and_bad_lines(tmp_path):
@@ -429,3 +424,146 @@ def test_extract_with_fake_model_index_and_rows(tmp_path):
         assert e["n_image_tokens"] == int(t["image_mask"].sum()) and e["image_spans"] == [[1, 1 + e["n_image_tokens"]]]
         assert torch.equal(t["position"], torch.arange(len(ids), dtype=torch.int32))
     assert sorted(os.listdir(out)) == sorted(index["shards"] + ["index.json", "settings.json"])
+
+
+# ================================================================================ real tiny model, end to end
+def _env(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
+
+
+def _answer_argv(q, folder, out, *extra):
+    return ["answer", "--model", "tiny", "--questions", q, "--image-folder", folder, "--answers", str(out),
+            "--max-new-tokens", "12", "--no-progress", *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from qwen_batched import QwenBatchedVL
+
+    return QwenBatchedVL.from_config("tiny", seed=0)
+
+
+def test_tiny_answers_match_direct_generate(tmp_path, tiny):
+    q, folder = dataset(tmp_path, n=6, missing=(1,), multi=(4,))
+    out = tmp_path / "a.jsonl"
+    jobs.main(_answer_argv(q, folder, out, "--batch-size", 4), model=tiny)
+    rows = read_jsonl(out)
+    qs = read_jsonl(q)
+    assert [r["question_id"] for r in rows] == [d["question_id"] for d in qs] and "error" in rows[1]
+    for r, d in zip(rows, qs):
+        if "error" in r:
+            continue
+        imgs = [jobs.decode_image(os.path.join(folder, p)) for p in ([d["image"]] if isinstance(d["image"], str)
+                                                                     else d["image"])]
+        ref = tiny.generate(images=[imgs], texts=[d["text"]], max_new_tokens=12)
+        n = int(ref.lengths[0])
+        assert r["text"] == ref.texts[0].strip()
+        assert r["metadata"]["n_new_tokens"] + (r["metadata"]["finish_reason"] == "stop") == n
+        x = tiny.processor.prepare([imgs], [d["text"]], chat_template=True, padding_side="left")
+        assert r["metadata"]["n_prompt_tokens"] == int(x.attention_mask.sum())
+
+
+def test_killed_run_resumes_without_duplicates_or_losses(tmp_path, tiny):
+    q, folder = dataset(tmp_path, n=24, missing=(5,))
+    flags = ("--batch-size", 2, "--shard-size", 2, "--workers", 1, "--sort-window", 4)
+    ref = tmp_path / "ref.jsonl"
+    jobs.main(_answer_argv(q, folder, ref, *flags), model=tiny)
+    out = tmp_path / "a.jsonl"
+    parts = tmp_path / "a.jsonl.parts"
+    cmd = [sys.executable, "-m", "qwen_batched", *_answer_argv(q, folder, out, *flags)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and proc.poll() is None:
+            if parts.is_dir() and sum(fn.startswith("answers-") for fn in os.listdir(parts)) >= 2:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not out.exists()
+    shard_lines = [json.loads(line) for fn in sorted(os.listdir(parts)) if fn.startswith("answers-")
+                   for line in open(parts / fn)]
+    assert 2 <= len(shard_lines) < 24
+    done_before = {d["answer"]["question_id"]: d["answer"]["answer_id"] for d in shard_lines}
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{len(shard_lines)} already done, {24 - len(shard_lines)} to do" in rerun.stderr
+    rows = read_jsonl(out)
+    assert [r["question_id"] for r in rows] == [f"q{i}" for i in range(24)]  # none lost, none twice
+    assert strip_ids(rows) == strip_ids(read_jsonl(ref))
+    assert all(r["answer_id"] == done_before[r["question_id"]] for r in rows if r["question_id"] in done_before)
+
+
+def test_torchrun_two_ranks_equal_single_process(tmp_path, tiny):
+    # big images first: a split by line count would be unbalanced, the split by estimated tokens is not
+    folder = tmp_path / "images"
+    sizes = [(420, 420)] * 3 + [(56, 56 + 28 * (i % 4)) for i in range(13)]
+    names = make_images(str(folder), sizes)
+    rows = [{"question_id": i, "image": n, "text": f"Question {i}: what is it?"} for i, n in enumerate(names)]
+    rows.insert(7, {"question_id": 99, "image": "missing.png", "text": "gone"})
+    write_questions(tmp_path / "q.jsonl", rows)
+    q = str(tmp_path / "q.jsonl")
+    flags = ("--batch-size", 4, "--shard-size", 3)
+    single = tmp_path / "single.jsonl"
+    jobs.main(_answer_argv(q, str(folder), single, *flags), model=tiny)
+    multi = tmp_path / "multi.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "qwen_batched",
+           *_answer_argv(q, str(folder), multi, *flags)]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=150)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert strip_ids(read_jsonl(multi)) == strip_ids(read_jsonl(single))
+    parts = tmp_path / "multi.jsonl.parts"
+    per_rank = {0: [], 1: []}
+    for fn in os.listdir(parts):
+        m = jobs.ANSWER_SHARD_RE.match(fn)
+        if m:
+            per_rank[int(m.group(3))] += [json.loads(line)["answer"]["question_id"] for line in open(parts / fn)]
+    assert sorted(per_rank[0] + per_rank[1], key=str) == sorted([r["question_id"] for r in rows], key=str)
+    big = {0, 1, 2}
+    # the three big images are not all on one rank, and the rank with two of them has fewer questions
+    n_big = {r: len(big & set(per_rank[r])) for r in per_rank}
+    heavy = max(per_rank, key=lambda r: n_big[r])
+    assert n_big[heavy] == 2 and len(per_rank[heavy]) < len(per_rank[1 - heavy])
+
+
+def test_extract_shards_match_extract_features(tmp_path, tiny):
+    folder = tmp_path / "imgs"
+    make_images(str(folder), [(56, 84), (140, 112), (30, 200), (224, 168)])
+    (folder / "zz-broken.png").write_bytes(b"not an image")
+    out = tmp_path / "feats"
+    argv = ["extract", "--model", "tiny", "--images", str(folder), "--out", str(out), "--layers", "-1,2",
+            "--text", "Describe it.", "--batch-size", "3", "--shard-size", "2", "--save-vision", "--no-progress"]
+    jobs.main(argv, model=tiny)
+    index = json.load(open(out / "index.json"))
+    n_layers = tiny.cfg.text.num_hidden_layers
+    assert index["layers"] == [n_layers, 2] and index["tokens"] == "all"
+    assert [e["id"] for e in index["items"]] == ["img000.png", "img001.png", "img002.png", "img003.png",
+                                                 "zz-broken.png"]
+    assert "error" in index["items"][-1] and "shard" not in index["items"][-1]
+    assert len(index["shards"]) >= 2
+    for i, e in enumerate(index["items"][:4]):
+        got = jobs.load_features(str(out), e["id"])
+        img = jobs.decode_image(os.path.join(folder, e["id"]))
+        ref = tiny.extract_features(images=[[img]], texts=["Describe it."], layers=[-1, 2])
+        valid = ref.attention_mask[0].bool()
+        assert e["length"] == int(valid.sum()) == e["n_prompt_tokens"]
+        for L, h in zip(ref.layers, ref.hidden_states):
+            torch.testing.assert_close(got[f"layer.{L}"], h[0][valid], rtol=1e-4, atol=1e-4)
+        assert torch.equal(got["image_mask"], ref.image_mask[0][valid])
+        assert e["n_image_tokens"] == int(ref.image_mask[0].sum()) == got["vision_embeds"].shape[0]
+        torch.testing.assert_close(got["vision_embeds"], ref.vision_embeds, rtol=1e-4, atol=1e-4)
+        s, t = e["image_spans"][0]
+        assert got["image_mask"][s:t].all() and int(got["image_mask"].sum()) == t - s
+    # --tokens image keeps exactly the image-token rows
+    out2 = tmp_path / "feats_img"
+    jobs.main([*argv[:6], str(out2), *argv[7:], "--tokens", "image"], model=tiny)
+    a, b = jobs.load_features(str(out), 1), jobs.load_features(str(out2), 1)
+    assert torch.equal(b["layer.2"], a["layer.2"][a["image_mask"]]) and bool(b["image_mask"].all())
+    assert torch.equal(b["position"], a["position"][a["image_mask"]])
