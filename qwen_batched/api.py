@@ -44,6 +44,7 @@ class QwenBatchedVL(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.processor = None  # set by the constructors below (BatchedImageProcessor)
+        self.image_cache = None  # see enable_image_cache
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -157,9 +158,46 @@ class QwenBatchedVL(nn.Module):
         image_grid_thw: (n_images, 3) int.
         Returns (sum t*h*w/4, out_hidden): images concatenated in input order, each in raster order. With
         ``return_pre_merger=True``: (sum t*h*w, hidden) ViT output before the merger, in input patch order.
+        With the image cache enabled, only cache misses are encoded (duplicates in the batch once).
         """
-        return self.visual(pixel_values, image_grid_thw, backend=self.attn_backend,
-                           return_pre_merger=return_pre_merger)
+        if self.image_cache is None or return_pre_merger:
+            return self.visual(pixel_values, image_grid_thw, backend=self.attn_backend,
+                               return_pre_merger=return_pre_merger)
+        return self._encode_cached(pixel_values, image_grid_thw)
+
+    def enable_image_cache(self, max_bytes: int = 1 << 30) -> None:
+        """Cache vision embeddings per image (keyed by pixel hash, grid, model), LRU bounded by ``max_bytes``."""
+        from .image_cache import ImageEmbeddingCache
+
+        self.image_cache = ImageEmbeddingCache(max_bytes, model_token=f"{id(self):x}")
+
+    def disable_image_cache(self) -> None:
+        self.image_cache = None
+
+    def _encode_cached(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """encode_images through the cache: hits are looked up, misses encoded together in one call."""
+        self.visual.check_pixels(pixel_values)
+        grids = self.visual.validate_grids(image_grid_thw, pixel_values.shape[0])
+        cache, mu = self.image_cache, self.cfg.vision.merge_unit
+        keys = cache.keys(pixel_values, grids)
+        rows = [t * h * w for t, h, w in grids]
+        starts = [sum(rows[:i]) for i in range(len(rows))]
+        out = [cache.get(k) for k in keys]
+        todo: dict[bytes, int] = {}  # missing key -> first image carrying it (in-batch duplicates once)
+        for i, (k, hit) in enumerate(zip(keys, out)):
+            if hit is None:
+                todo.setdefault(k, i)
+        cache.hits += len(keys) - sum(hit is None for hit in out)
+        cache.misses += len(todo)
+        if todo:
+            first = list(todo.values())
+            sel = torch.cat([torch.arange(starts[i], starts[i] + rows[i]) for i in first]).to(pixel_values.device)
+            enc = self.visual(pixel_values.index_select(0, sel), image_grid_thw[first], backend=self.attn_backend)
+            fresh = dict(zip(todo, enc.split([rows[i] // mu for i in first])))
+            for k, v in fresh.items():
+                cache.put(k, v)
+            out = [fresh[k] if hit is None else hit for k, hit in zip(keys, out)]
+        return torch.cat(out)
 
     # ------------------------------------------------------------------ decoder: features and generation
     @torch.inference_mode()
