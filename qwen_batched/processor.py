@@ -1,0 +1,477 @@
+"""``BatchedImageProcessor``: images and prompts in, Qwen2.5-VL model inputs out, on the images' device.
+
+Images follow the reference (``transformers``' Qwen2-VL image processor, torchvision flavour): ``smart_resize``
+to multiples of 28 within [min_pixels, max_pixels], bicubic antialiased resize of the uint8 image (float
+interpolate, round back to uint8 values), then ``(x - 255*mean) / (255*std)`` and the patch layout of
+``kernels/patchify.py``. Images of one size are processed together: one resize and one patchify per size.
+
+Value ranges: uint8 images are 0..255, floating images 0..1; ``rescale=`` overrides (True: the values are
+0..255 whatever the dtype, False: use them as they are).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from .config import TINY_VOCAB, ModelConfig, default_chat_template, default_preprocessor_config
+from .prompts import (IMAGE_TOKEN, ModelInputs, expand_image_tokens, pad_batch, render_builtin, render_jinja,
+                      render_raw)
+from .resize import resize_float
+from .tokenizer import ByteTokenizer, load_tokenizer
+
+try:  # installed layout: the kernels directory is the ``qwen_batched.kernels`` subpackage
+    from .kernels.patchify import HAS_TRITON, patchify, patchify_reference
+except ImportError:  # source checkout: ``kernels`` next to the package
+    from kernels.patchify import HAS_TRITON, patchify, patchify_reference
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_ASPECT_RATIO = 200
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 3136,
+                 max_pixels: int = 12845056) -> tuple[int, int]:
+    """Target (height, width): multiples of ``factor``, area within [min_pixels, max_pixels], aspect kept.
+
+    Sides are first rounded (Python's half-to-even ``round``) to multiples of ``factor``; an area above
+    ``max_pixels`` scales both sides down (floor), below ``min_pixels`` up (ceil).
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"image {height}x{width}: absolute aspect ratio must be at most {MAX_ASPECT_RATIO}, "
+                         f"got {max(height, width) / min(height, width)}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+class ProcessedImages(NamedTuple):
+    """pixel_values (sum t*h*w, C*T*P*P) float32; image_grid_thw (n, 3) int64; images of each sample."""
+
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    images_per_sample: tuple[int, ...]
+
+
+# ---------------------------------------------------------------------------------------------- input parsing
+def _from_array(img: np.ndarray, where: str, video: bool) -> torch.Tensor:
+    """HWC (or THWC for a clip) numpy array -> CHW (TCHW) tensor view."""
+    want = 4 if video else 3
+    if img.ndim != want:
+        layout = "(T, H, W, 3)" if video else "(H, W, 3)"
+        raise ValueError(f"{where}: numpy images must be {layout} arrays, got shape {img.shape}")
+    if img.dtype != np.uint8 and not np.issubdtype(img.dtype, np.floating):
+        raise TypeError(f"{where}: numpy images must be uint8 (0..255) or floating (0..1), got {img.dtype}")
+    img = np.ascontiguousarray(img)
+    t = torch.from_numpy(img if img.flags.writeable else img.copy())  # torch wants writable memory
+    return t.movedim(-1, -3)
+
+
+def _to_tensor(img: Any, where: str, video: bool) -> torch.Tensor:
+    """One image (C, H, W) or clip (T, C, H, W) as a tensor; PIL images become RGB uint8."""
+    if isinstance(img, torch.Tensor):
+        return img
+    if isinstance(img, np.ndarray):
+        return _from_array(img, where, video)
+    if type(img).__module__.startswith("PIL."):
+        return _from_array(np.array(img.convert("RGB")), where, False)
+    kind = "clip" if video else "image"
+    raise TypeError(f"{where}: expected a {kind} as a torch.Tensor, numpy array or PIL image, got {type(img).__name__}")
+
+
+def _check_tensor(x: torch.Tensor, where: str, channels: int, layout: str) -> None:
+    """Rank, channels, emptiness and dtype of an image tensor whose expected layout is ``layout``."""
+    if x.dim() != layout.count(",") + 1:
+        raise ValueError(f"{where}: expected a {layout} tensor, got shape {tuple(x.shape)}")
+    if x.shape[-3] != channels:
+        raise ValueError(f"{where}: expected {channels} channels (RGB, channels first: {layout}), got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{where}: empty image tensor of shape {tuple(x.shape)}")
+    if x.dtype != torch.uint8 and not x.is_floating_point():
+        raise TypeError(f"{where}: images must be uint8 (0..255) or floating point (0..1), got {x.dtype}")
+
+
+def _sample_items(entry: Any, where: str, video: bool, channels: int) -> list[torch.Tensor]:
+    """The checked images of one sample, each (1, C, H, W), or its clip (T, C, H, W); [] for None or []."""
+    if entry is None:
+        return []
+    if isinstance(entry, (list, tuple)):
+        if not entry:
+            return []
+        if video:  # a clip given as a list of frames
+            frames = [_to_tensor(f, f"{where}[{j}]", False) for j, f in enumerate(entry)]
+            for j, f in enumerate(frames):
+                _check_tensor(f, f"{where}[{j}]", channels, "(C, H, W)")
+            if len({(f.shape, f.dtype, f.device) for f in frames}) > 1:
+                raise ValueError(f"{where}: the frames of a clip must share one size, dtype and device")
+            return [torch.stack(frames)]
+        out = []
+        for j, img in enumerate(entry):
+            t = _to_tensor(img, f"{where}[{j}]", False)
+            _check_tensor(t, f"{where}[{j}]", channels, "(C, H, W)")
+            out.append(t.unsqueeze(0))
+        return out
+    t = _to_tensor(entry, where, video)
+    if video or t.dim() == 4:  # a clip, or this sample's images stacked
+        _check_tensor(t, where, channels, "(T, C, H, W)" if video else "(N, C, H, W)")
+        return [t] if video else list(t.unsqueeze(1).unbind(0))
+    _check_tensor(t, where, channels, "(C, H, W)")
+    return [t.unsqueeze(0)]
+
+
+def _check_finite(x: torch.Tensor, where: str) -> None:
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{where}: floating-point images must be finite, found NaN or inf")
+
+
+class _Group(NamedTuple):
+    frames: torch.Tensor  # (n, F, C, H, W)
+    index: list[int]  # positions of its n images in sample-major order
+    size: tuple[int, int]  # resize target (h, w)
+
+
+class BatchedImageProcessor:
+    """Qwen2.5-VL preprocessing for whole batches on any device.
+
+    ``preprocess_images`` turns images into ``pixel_values`` / ``image_grid_thw``; ``prepare`` also builds the
+    prompts (chat template, one ``<|vision_start|><|image_pad|>*n<|vision_end|>`` block per image) and pads
+    them into ``ModelInputs``. Token ids default to the published checkpoints'.
+    """
+
+    def __init__(self, min_pixels: int = 3136, max_pixels: int = 12845056, patch_size: int = 14,
+                 temporal_patch_size: int = 2, merge_size: int = 2, image_mean: Sequence[float] = CLIP_MEAN,
+                 image_std: Sequence[float] = CLIP_STD, tokenizer=None, chat_template: str | None = None, *,
+                 image_token_id: int = 151655, video_token_id: int = 151656, vision_start_token_id: int = 151652,
+                 vision_end_token_id: int = 151653, pad_token_id: int = 151643, in_channels: int = 3,
+                 use_triton: bool | None = None):
+        self.min_pixels, self.max_pixels = self._check_pixels(min_pixels, max_pixels)
+        self.patch_size, self.temporal_patch_size, self.merge_size = int(patch_size), int(temporal_patch_size), int(merge_size)
+        self.in_channels = int(in_channels)
+        if len(image_mean) != self.in_channels or len(image_std) != self.in_channels:
+            raise ValueError(f"image_mean and image_std need {self.in_channels} values, got {image_mean}, {image_std}")
+        self.image_mean, self.image_std = tuple(map(float, image_mean)), tuple(map(float, image_std))
+        self.tokenizer = tokenizer
+        if chat_template is not None and chat_template.strip() == default_chat_template().strip():
+            chat_template = None  # the published template: rendered by the built-in formatter
+        self.chat_template = chat_template
+        self.image_token_id, self.video_token_id = int(image_token_id), int(video_token_id)
+        self.vision_start_token_id, self.vision_end_token_id = int(vision_start_token_id), int(vision_end_token_id)
+        self.pad_token_id = int(pad_token_id)
+        self.use_triton = use_triton
+        self._norm_cache: dict = {}
+        self._check_tokenizer_ids()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config_dict(cls, cfg: dict, **kwargs) -> "BatchedImageProcessor":
+        """From a ``preprocessor_config.json`` dict (``min_pixels``/``max_pixels`` or ``size`` edges)."""
+        size = cfg.get("size") or {}
+        args = dict(
+            min_pixels=cfg.get("min_pixels", size.get("shortest_edge", 3136)),
+            max_pixels=cfg.get("max_pixels", size.get("longest_edge", 12845056)),
+            patch_size=cfg.get("patch_size", 14), temporal_patch_size=cfg.get("temporal_patch_size", 2),
+            merge_size=cfg.get("merge_size", 2), image_mean=cfg.get("image_mean", CLIP_MEAN),
+            image_std=cfg.get("image_std", CLIP_STD),
+        )
+        args.update(kwargs)
+        return cls(**args)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, model_config: ModelConfig | None = None,
+                        **kwargs) -> "BatchedImageProcessor":
+        """From a checkpoint directory: ``preprocessor_config.json`` (published defaults if absent),
+        ``tokenizer.json`` (optional), chat template from ``chat_template.jinja`` / ``chat_template.json`` /
+        ``tokenizer_config.json``; special token ids from ``model_config``, the directory's ``config.json`` or
+        else the tokenizer's vocabulary."""
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+        pre = _read_json(os.path.join(path, "preprocessor_config.json")) or default_preprocessor_config()
+        if model_config is None and os.path.isfile(os.path.join(path, "config.json")):
+            model_config = ModelConfig.from_json(path)
+        tok_path = os.path.join(path, "tokenizer.json")
+        tokenizer = load_tokenizer(tok_path) if os.path.isfile(tok_path) else None
+        ids = _token_ids(model_config) if model_config is not None else _tokenizer_ids(tokenizer)
+        return cls.from_config_dict(pre, tokenizer=tokenizer, chat_template=_find_chat_template(path), **ids, **kwargs)
+
+    def _check_tokenizer_ids(self) -> None:
+        if self.tokenizer is None:
+            return
+        for token, want in ((IMAGE_TOKEN, self.image_token_id), ("<|vision_start|>", self.vision_start_token_id),
+                            ("<|vision_end|>", self.vision_end_token_id)):
+            got = self.tokenizer.token_to_id(token)
+            if got is not None and got != want:
+                raise ValueError(f"tokenizer maps {token} to id {got} but the model config says {want}")
+
+    @staticmethod
+    def _check_pixels(min_pixels, max_pixels) -> tuple[int, int]:
+        if not isinstance(min_pixels, (int, np.integer)) or not isinstance(max_pixels, (int, np.integer)):
+            raise TypeError(f"min_pixels and max_pixels must be ints, got {min_pixels!r}, {max_pixels!r}")
+        if not 0 < min_pixels <= max_pixels:
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got min_pixels={min_pixels}, max_pixels={max_pixels}")
+        return int(min_pixels), int(max_pixels)
+
+    # ------------------------------------------------------------------ images
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    def smart_resize(self, height: int, width: int, min_pixels: int | None = None,
+                     max_pixels: int | None = None) -> tuple[int, int]:
+        """The size an image of ``height`` x ``width`` is resized to with this processor's settings."""
+        return smart_resize(height, width, self.factor, self.min_pixels if min_pixels is None else min_pixels,
+                            self.max_pixels if max_pixels is None else max_pixels)
+
+    def preprocess_images(self, images, *, min_pixels: int | None = None, max_pixels: int | None = None,
+                          rescale: bool | None = None, as_video: bool = False, device=None) -> ProcessedImages:
+        """Images -> ``ProcessedImages(pixel_values, image_grid_thw, images_per_sample)``.
+
+        ``images``: a tensor (B, N, 3, H, W) (N images per sample) or (N, 3, H, W) / a flat list (one image per
+        sample); or a list with one entry per sample: None / [] (no image), an image, a (N, 3, H, W) tensor, or
+        a list of images of any sizes. An image is a (3, H, W) tensor, a PIL image or a (H, W, 3) numpy array.
+        With ``as_video=True`` each sample is one clip: (B, T, 3, H, W), or a list of (T, 3, H, W) tensors,
+        (T, H, W, 3) arrays or lists of frames; ``grid_t = ceil(T / temporal_patch_size)``, an odd clip
+        repeating its last frame. Outputs are on the images' device (or ``device``).
+        """
+        processed, _ = self._process(images, min_pixels, max_pixels, rescale, as_video, device)
+        return processed
+
+    __call__ = preprocess_images
+
+    def _process(self, images, min_pixels, max_pixels, rescale, as_video, device):
+        min_pixels, max_pixels = self._check_pixels(
+            self.min_pixels if min_pixels is None else min_pixels, self.max_pixels if max_pixels is None else max_pixels)
+        groups, counts = self._collect(images, bool(as_video), min_pixels, max_pixels, device)
+        dev = groups[0].frames.device if groups else torch.device(device or "cpu")
+        grids: list[list[int]] = [[]] * sum(counts)
+        outputs = []
+        for g in groups:  # one resize + one patchify per distinct input size
+            patches, grid = self._process_group(g, rescale)
+            outputs.append(patches)
+            for i in g.index:
+                grids[i] = grid
+        pixel_values = self._assemble(groups, outputs, grids, dev)
+        thw = torch.tensor(grids, dtype=torch.long).reshape(-1, 3).to(dev)
+        return ProcessedImages(pixel_values, thw, tuple(counts)), grids
+
+    def _collect(self, images, video: bool, min_pixels: int, max_pixels: int, device):
+        """Check everything, then group images by (frames, size, dtype): list of _Group, images per sample."""
+        if isinstance(images, torch.Tensor):
+            frames, counts = self._batch_tensor(images, video)
+            groups = [_Group(frames, list(range(frames.shape[0])), (0, 0))] if frames.shape[0] else []
+        elif isinstance(images, (list, tuple)):
+            if len(images) == 0:
+                raise ValueError("images is an empty list: pass None for a text-only batch")
+            per_sample = [_sample_items(e, f"images[{i}]", video, self.in_channels) for i, e in enumerate(images)]
+            counts = [len(s) for s in per_sample]
+            items = [x for s in per_sample for x in s]
+            devices = {x.device for x in items}
+            if len(devices) > 1:
+                raise ValueError(f"images are on several devices {sorted(map(str, devices))}; put them on one")
+            groups = self._group(items)
+        else:
+            raise TypeError(f"images must be a tensor or a list (one entry per sample), got {type(images).__name__}")
+        groups = [g._replace(size=smart_resize(*g.frames.shape[-2:], self.factor, min_pixels, max_pixels))
+                  for g in groups]
+        for g in groups:
+            _check_finite(g.frames, "images")
+        if device is not None:
+            groups = [g._replace(frames=g.frames.to(device)) for g in groups]
+        return groups, counts
+
+    def _batch_tensor(self, x: torch.Tensor, video: bool) -> tuple[torch.Tensor, list[int]]:
+        """A checked batch tensor as frames (n, F, C, H, W) and images per sample."""
+        if video:
+            layout = "(B, T, C, H, W)"
+            x = x.unsqueeze(0) if x.dim() == 4 else x
+            _check_tensor(x, "images", self.in_channels, layout)
+            return x, [1] * x.shape[0]
+        if x.dim() == 5:
+            _check_tensor(x, "images", self.in_channels, "(B, N, C, H, W)")
+            b, n = x.shape[:2]
+            return x.reshape(b * n, 1, *x.shape[2:]), [n] * b
+        x = x.unsqueeze(0) if x.dim() == 3 else x
+        _check_tensor(x, "images", self.in_channels, "(N, C, H, W)")
+        return x.unsqueeze(1), [1] * x.shape[0]
+
+    @staticmethod
+    def _group(items: list[torch.Tensor]) -> list[_Group]:
+        """Stack same-shape, same-dtype items (F, C, H, W) into groups, keeping their positions."""
+        by_key: dict[tuple, list[int]] = {}
+        for i, x in enumerate(items):
+            by_key.setdefault((tuple(x.shape), x.dtype), []).append(i)
+        return [_Group(items[index[0]].unsqueeze(0) if len(index) == 1 else torch.stack([items[i] for i in index]),
+                       index, (0, 0)) for index in by_key.values()]
+
+    def _norm(self, device: torch.device, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean*scale and std*scale as float32 (C,) on ``device`` (float32 products, as the reference)."""
+        key = (device, scale)
+        if key not in self._norm_cache:
+            mean = torch.tensor(self.image_mean, dtype=torch.float32) * scale
+            std = torch.tensor(self.image_std, dtype=torch.float32) * scale
+            self._norm_cache[key] = (mean.to(device), std.to(device))
+        return self._norm_cache[key]
+
+    def _process_group(self, g: _Group, rescale: bool | None) -> tuple[torch.Tensor, list[int]]:
+        frames = g.frames  # (n, F, C, H, W)
+        n, f, c, height, width = frames.shape
+        uint8 = frames.dtype == torch.uint8
+        if g.size != (height, width):
+            frames = resize_float(frames.reshape(n * f, c, height, width), g.size, round_uint8=uint8)
+            frames = frames.view(n, f, c, *g.size)  # float32 (uint8 inputs: rounded values)
+        scale = 255.0 if (uint8 if rescale is None else rescale) else 1.0
+        mean, std = self._norm(frames.device, scale)
+        kw = dict(patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size, merge_size=self.merge_size)
+        use_triton = self.use_triton if self.use_triton is not None else (HAS_TRITON and frames.is_cuda)
+        patches = (patchify if use_triton else patchify_reference)(frames, mean, std, **kw)
+        grid = [math.ceil(f / self.temporal_patch_size), g.size[0] // self.patch_size, g.size[1] // self.patch_size]
+        return patches, grid
+
+    def _assemble(self, groups: list[_Group], outputs: list[torch.Tensor], grids, device) -> torch.Tensor:
+        """Group outputs -> one (rows, cols) tensor in sample-major image order."""
+        ncol = self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+        if len(groups) == 1 and groups[0].index == list(range(len(grids))):
+            return outputs[0]
+        rows = torch.tensor([math.prod(g) for g in grids], dtype=torch.long)  # (n_images,)
+        starts = rows.cumsum(0) - rows
+        out = torch.empty(int(rows.sum()), ncol, dtype=torch.float32, device=device)
+        for g, patches in zip(groups, outputs):
+            idx = torch.tensor(g.index, dtype=torch.long)
+            n = rows[idx]
+            dest = torch.repeat_interleave(starts[idx] - (n.cumsum(0) - n), n) + torch.arange(int(n.sum()))
+            out.index_copy_(0, dest.to(device), patches)
+        return out
+
+    # ------------------------------------------------------------------ prompts
+    def prepare(self, images, texts, *, chat_template: bool = True, padding_side: str = "left",
+                system_prompt: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
+                rescale: bool | None = None, device=None) -> ModelInputs:
+        """Images and prompts -> ``ModelInputs`` (left padding by default).
+
+        ``texts``: a str (batch of one) or a list with one prompt per sample; ``images``: as in
+        ``preprocess_images`` (one entry per sample, None / [] for text-only samples) or None for a text-only
+        batch. With ``chat_template`` the Qwen2.5-VL chat turn is built (system prompt, the sample's image
+        blocks then its text, assistant prefix); otherwise the image blocks are put before the raw text.
+        ``system_prompt=None`` keeps the template's default ("You are a helpful assistant.").
+        """
+        texts = _check_texts(texts)
+        if self.tokenizer is None:
+            raise RuntimeError("this processor has no tokenizer: prompts need the checkpoint's tokenizer.json "
+                               "(load the model from a directory that contains it); images work without it")
+        if images is None:
+            processed, grids, counts = None, [], [0] * len(texts)
+        else:
+            processed, grids = self._process(images, min_pixels, max_pixels, rescale, False, device)
+            counts = list(processed.images_per_sample)
+        if len(counts) != len(texts):
+            raise ValueError(f"texts has {len(texts)} prompts but images has {len(counts)} samples; "
+                             "give one images entry per prompt (None or [] for a text-only prompt)")
+        merge = self.merge_size ** 2
+        per_image = [math.prod(g) // merge for g in grids]
+        prompts, start = [], 0
+        for i, (text, n) in enumerate(zip(texts, counts)):
+            prompt = self._render(text, n, chat_template, system_prompt)
+            prompts.append(expand_image_tokens(prompt, per_image[start:start + n], i))
+            start += n
+        if device is None:
+            device = processed.pixel_values.device if processed is not None else None
+        ids, mask, mm = pad_batch(self.tokenizer.encode_batch(prompts), self.pad_token_id, self.image_token_id,
+                                  padding_side, device)
+        if processed is None or not grids:
+            return ModelInputs(ids, mask, mm, None, None, tuple(counts))
+        return ModelInputs(ids, mask, mm, processed.pixel_values, processed.image_grid_thw, tuple(counts))
+
+    def _render(self, text: str, n_images: int, chat_template: bool, system_prompt: str | None) -> str:
+        if not chat_template:
+            return render_raw(text, n_images)
+        if self.chat_template is None:
+            return render_builtin(text, n_images, system_prompt)
+        return render_jinja(self.chat_template, text, n_images, system_prompt)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = True) -> list[str]:
+        """Token id rows (tensor or lists) -> strings, with this processor's tokenizer."""
+        if self.tokenizer is None:
+            raise RuntimeError("this processor has no tokenizer: decoding needs the checkpoint's tokenizer.json")
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.batch_decode([ids.tolist() if hasattr(ids, "tolist") else list(ids)], skip_special_tokens)[0]
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(min_pixels={self.min_pixels}, max_pixels={self.max_pixels}, "
+                f"patch_size={self.patch_size}, temporal_patch_size={self.temporal_patch_size}, "
+                f"merge_size={self.merge_size}, tokenizer={type(self.tokenizer).__name__ if self.tokenizer else None})")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts):
+        return list(texts)
+    raise TypeError(f"texts must be a str or a non-empty list of str, got {type(texts).__name__}"
+                    + (f" with a {type(next(t for t in texts if not isinstance(t, str))).__name__} entry"
+                       if isinstance(texts, (list, tuple)) and texts else ""))
+
+
+def _token_ids(cfg: ModelConfig) -> dict[str, int]:
+    return dict(image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+                vision_start_token_id=cfg.vision_start_token_id, vision_end_token_id=cfg.vision_end_token_id,
+                pad_token_id=cfg.pad_token_id, in_channels=cfg.vision.in_channels)
+
+
+def _tokenizer_ids(tokenizer) -> dict[str, int]:
+    """Special token ids from a tokenizer's vocabulary (a checkpoint without config.json)."""
+    if tokenizer is None:
+        return {}
+    names = {"image_token_id": IMAGE_TOKEN, "video_token_id": "<|video_pad|>", "pad_token_id": "<|endoftext|>",
+             "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+    found = {name: tokenizer.token_to_id(token) for name, token in names.items()}
+    return {name: i for name, i in found.items() if i is not None}
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _find_chat_template(path: str) -> str | None:
+    jinja = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja) as f:
+            return f.read()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        template = (_read_json(os.path.join(path, name)) or {}).get("chat_template")
+        if isinstance(template, str):
+            return template
+    return None
+
+
+def load_processor(path: str | os.PathLike | None, model_config: ModelConfig) -> BatchedImageProcessor:
+    """The processor a model uses: from a checkpoint directory, or (``path=None``) the published preprocessor
+    config with, for the tiny preset's vocabulary, the built-in byte tokenizer (no tokenizer otherwise: images
+    work, prompts ask for a tokenizer.json)."""
+    if path is not None:
+        return BatchedImageProcessor.from_pretrained(path, model_config)
+    tokenizer = ByteTokenizer() if model_config.text.vocab_size == TINY_VOCAB else None
+    return BatchedImageProcessor.from_config_dict(default_preprocessor_config(), tokenizer=tokenizer,
+                                                  **_token_ids(model_config))
