@@ -146,6 +146,13 @@ def run_hf_per_sample(hf, ours, spec, q, folder, *, chunks, max_new_tokens, devi
     return time.perf_counter() - t0, load_s, texts, new_tokens
 
 
+def _loadavg():
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="preset (random weights) or checkpoint directory")
@@ -160,6 +167,7 @@ def main(argv=None):
     ap.add_argument("--hf-chunks", type=int, default=1, help="chunks of the bash-loop-style baseline")
     ap.add_argument("--skip-hf", action="store_true", help="leave out the transformers baseline")
     ap.add_argument("--skip-bs1", action="store_true", help="leave out the batch-size-1 row")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
@@ -172,8 +180,8 @@ def main(argv=None):
     lo, hi = a.min_side or (224 if cuda else 56), a.max_side or (896 if cuda else 224)
     max_new = a.max_new_tokens or (64 if cuda else 16)
     bs = a.batch_size or (32 if cuda else 16)
-    if not cuda:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         q, folder = make_dataset(tmp, n, lo, hi, a.seed)
@@ -207,10 +215,12 @@ def main(argv=None):
     for r in results:
         r["speedup"] = r["qps"] / base
     meta = {**header(device), "model": a.model, "dtype": str(dtype).replace("torch.", ""), "questions": n,
+            "torch_threads": torch.get_num_threads(), "load_average": _loadavg(),
             "image_sides_px": [lo, hi], "max_new_tokens": max_new, "random_weights": not os.path.isdir(a.model)}
     print(f"# answer job throughput: {meta['device']}, model {a.model}"
           f"{' (random weights)' if meta['random_weights'] else ''}, {meta['dtype']}, {n} questions, "
-          f"images {lo}-{hi} px, max_new_tokens {max_new}\n")
+          f"images {lo}-{hi} px, max_new_tokens {max_new}; {meta['torch_threads']} torch threads, "
+          f"load average {meta['load_average']}\n")
     print(markdown_table(results, [("method", "method"), ("seconds", "seconds"), ("load_s", "model loads (s)"),
                                    ("qps", "questions/s"), ("new_tokens", "new tokens"), ("tps", "new tokens/s"),
                                    ("speedup", "speedup vs last row"), ("same_answers", "same text as batched")]))

@@ -359,11 +359,16 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to a temporary sibling, fsync it, then ``os.replace`` it into ``path``."""
     d, name = os.path.split(path)
     tmp = os.path.join(d, f"{TMP_PREFIX}{name}.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def new_run_id(directory: str, pattern: re.Pattern) -> str:
@@ -1251,8 +1256,18 @@ def _common_args(p: argparse.ArgumentParser, shard_size: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qwen_batched",
-                                     description="Batched Qwen2.5-VL jobs (single process or torchrun).")
+    parser = argparse.ArgumentParser(
+        prog="python -m qwen_batched", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Batched Qwen2.5-VL jobs (single process or torchrun).",
+        epilog="""examples:
+  python -m qwen_batched answer --model /ckpt/Qwen2.5-VL-7B-Instruct --questions q.jsonl \\
+      --image-folder images/ --answers answers.jsonl --batch-size 32
+  torchrun --nproc-per-node=8 -m qwen_batched answer --model /ckpt/Qwen2.5-VL-7B-Instruct ...   (same flags)
+  python -m qwen_batched extract --model /ckpt/Qwen2.5-VL-3B-Instruct --images images/ --out feats/ \\
+      --layers -1,12 --text "Describe the image."
+  python -m qwen_batched answer --model tiny ...   (random weights: for trying the pipeline out)
+
+Rerunning the same command resumes: finished items are kept, the rest is done, the output is rebuilt.""")
     sub = parser.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("answer", help="answer a question file (LLaVA model_vqa-style answers jsonl)")

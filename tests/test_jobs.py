@@ -262,6 +262,19 @@ def test_progress_line():
     assert lines[-1].startswith("answer: 4/10")
 
 
+def test_atomic_write_never_leaves_a_partial_shard(tmp_path, monkeypatch):
+    target = tmp_path / "answers-run00001-abcdef-r00000-000000.jsonl"
+    jobs.atomic_write_bytes(str(target), b"old\n")
+
+    def disk_full(fd):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        jobs.atomic_write_bytes(str(target), b"new and longer\n")
+    assert target.read_bytes() == b"old\n" and os.listdir(tmp_path) == [target.name]
+
+
 # ============================================================================================ fake-model jobs
 def test_answer_format_order_and_bad_items(tmp_path):
     q, folder = dataset(tmp_path, n=14, missing=(3,), corrupt=(6,), multi=(9,))
@@ -424,6 +437,23 @@ def test_extract_with_fake_model_index_and_rows(tmp_path):
         assert e["n_image_tokens"] == int(t["image_mask"].sum()) and e["image_spans"] == [[1, 1 + e["n_image_tokens"]]]
         assert torch.equal(t["position"], torch.arange(len(ids), dtype=torch.int32))
     assert sorted(os.listdir(out)) == sorted(index["shards"] + ["index.json", "settings.json"])
+    # a rerun has nothing to do; other layers into the same output are refused
+    m2 = FakeModel(crash_after=0)
+    jobs.main(["extract", "--model", "tiny", "--images", str(folder), "--out", str(out), "--layers", "-1,2",
+               "--text", "hi", "--no-progress"], model=m2)
+    assert m2.batches == [] and json.load(open(out / "index.json")) == index
+    with pytest.raises(SystemExit, match="layers"):
+        jobs.main(["extract", "--model", "tiny", "--images", str(folder), "--out", str(out), "--layers", "1",
+                   "--text", "hi", "--no-progress"], model=m2)
+    # --retry-errors redoes the broken file only, into a new shard; the index points at the newest entries
+    make_images(str(tmp_path / "fix"), [(56, 56)])
+    os.replace(tmp_path / "fix" / "img000.png", folder / "broken.jpg")
+    m3 = FakeModel()
+    jobs.main(["extract", "--model", "tiny", "--images", str(folder), "--out", str(out), "--layers", "-1,2",
+               "--text", "hi", "--retry-errors", "--no-progress"], model=m3)
+    index2 = json.load(open(out / "index.json"))
+    assert m3.batches == [1] and "error" not in index2["items"][0] and index2["items"][1:] == index["items"][1:]
+    assert jobs.load_features(str(out), "broken.jpg")["layer.4"].shape[1] == 4
 
 
 # ================================================================================ real tiny model, end to end
