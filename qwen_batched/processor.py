@@ -21,13 +21,13 @@ import torch
 from .config import TINY_VOCAB, ModelConfig, default_chat_template, default_preprocessor_config
 from .prompts import (IMAGE_TOKEN, ModelInputs, expand_image_tokens, pad_batch, render_builtin, render_jinja,
                       render_raw)
-from .resize import resize_float
+from .resize import device_taps, resize_float
 from .tokenizer import ByteTokenizer, load_tokenizer
 
 try:  # installed layout: the kernels directory is the ``qwen_batched.kernels`` subpackage
-    from .kernels.patchify import HAS_TRITON, patchify, patchify_reference
+    from .kernels.patchify import HAS_TRITON, patchify_reference, resize_patchify
 except ImportError:  # source checkout: ``kernels`` next to the package
-    from kernels.patchify import HAS_TRITON, patchify, patchify_reference
+    from kernels.patchify import HAS_TRITON, patchify_reference, resize_patchify
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -327,19 +327,25 @@ class BatchedImageProcessor:
         return self._norm_cache[key]
 
     def _process_group(self, g: _Group, rescale: bool | None) -> tuple[torch.Tensor, list[int]]:
+        """One group: resize (if needed), normalize and patchify; Triton on CUDA, torch elsewhere."""
         frames = g.frames  # (n, F, C, H, W)
         n, f, c, height, width = frames.shape
         uint8 = frames.dtype == torch.uint8
-        if g.size != (height, width):
-            frames = resize_float(frames.reshape(n * f, c, height, width), g.size, round_uint8=uint8)
-            frames = frames.view(n, f, c, *g.size)  # float32 (uint8 inputs: rounded values)
         scale = 255.0 if (uint8 if rescale is None else rescale) else 1.0
         mean, std = self._norm(frames.device, scale)
         kw = dict(patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size, merge_size=self.merge_size)
-        use_triton = self.use_triton if self.use_triton is not None else (HAS_TRITON and frames.is_cuda)
-        patches = (patchify if use_triton else patchify_reference)(frames, mean, std, **kw)
         grid = [math.ceil(f / self.temporal_patch_size), g.size[0] // self.patch_size, g.size[1] // self.patch_size]
-        return patches, grid
+        use_triton = self.use_triton if self.use_triton is not None else (HAS_TRITON and frames.is_cuda)
+        if use_triton:
+            taps = [device_taps(src, dst, frames.device) if src != dst else None
+                    for src, dst in ((height, g.size[0]), (width, g.size[1]))]
+            resized = any(t is not None for t in taps)
+            return resize_patchify(frames, mean, std, height_taps=taps[0], width_taps=taps[1],
+                                   round_uint8=uint8 and resized, **kw), grid
+        if g.size != (height, width):
+            frames = resize_float(frames.reshape(n * f, c, height, width), g.size, round_uint8=uint8)
+            frames = frames.view(n, f, c, *g.size)  # float32 (uint8 inputs: rounded values)
+        return patchify_reference(frames, mean, std, **kw), grid
 
     def _assemble(self, groups: list[_Group], outputs: list[torch.Tensor], grids, device) -> torch.Tensor:
         """Group outputs -> one (rows, cols) tensor in sample-major image order."""

@@ -79,17 +79,27 @@ def _band_cpu(n_in: int, n_out: int, block: int) -> tuple[torch.Tensor, torch.Te
     return index, weights.view(n_blocks, block, span)
 
 
-_DEVICE_BANDS: dict = {}
+_ON_DEVICE: dict = {}
+
+
+def _cached_on(device: torch.device, key: tuple, build) -> tuple[torch.Tensor, ...]:
+    """``build()``'s CPU tensors copied to ``device`` once per key."""
+    full = (device, *key)
+    if full not in _ON_DEVICE:
+        if len(_ON_DEVICE) > 512:
+            _ON_DEVICE.clear()
+        _ON_DEVICE[full] = tuple(t.to(device) for t in build())
+    return _ON_DEVICE[full]
 
 
 def _band(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (n_in, n_out, device)
-    if key not in _DEVICE_BANDS:
-        if len(_DEVICE_BANDS) > 512:
-            _DEVICE_BANDS.clear()
-        index, weights = _band_cpu(n_in, n_out, _BLOCK)
-        _DEVICE_BANDS[key] = (index.to(device), weights.to(device))
-    return _DEVICE_BANDS[key]
+    return _cached_on(device, ("band", n_in, n_out), lambda: _band_cpu(n_in, n_out, _BLOCK))
+
+
+def device_taps(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`axis_taps` on ``device`` (first index as int32), cached: the Triton kernels' input."""
+    return _cached_on(torch.device(device), ("taps", n_in, n_out),
+                      lambda: (axis_taps(n_in, n_out)[0].int(), axis_taps(n_in, n_out)[1]))
 
 
 @contextlib.contextmanager
