@@ -1,0 +1,42 @@
+"""bf16 on CPU: our deviation from the fp32 reference stays at the reference's own bf16 level."""
+import pytest
+import torch
+
+from qwen_batched import QwenBatchedVL
+from tests.helpers import make_hf_model, rel_err
+from tests.test_decoder import build_batch
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    d = tmp_path_factory.mktemp("ckpt")
+    make_hf_model().save_pretrained(d)
+    hf32 = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
+    hf16 = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16).eval()
+    ours = QwenBatchedVL.from_pretrained(d, dtype=torch.bfloat16)
+    return hf32, hf16, ours
+
+
+def _ref(hf, b):
+    with torch.no_grad():
+        out = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                 pixel_values=b["pixel_values"].to(hf.dtype), image_grid_thw=b["image_grid_thw"],
+                 mm_token_type_ids=b["mm_token_type_ids"], output_hidden_states=True)
+    return out.hidden_states, out.logits
+
+
+def test_bf16_hidden_states_and_logits(setup):
+    hf32, hf16, ours = setup
+    b = build_batch(ours.cfg)
+    valid = b["attention_mask"].bool()
+    h32, l32 = _ref(hf32, b)
+    h16, l16 = _ref(hf16, b)
+    feats = ours.extract_features(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                  pixel_values=b["pixel_values"].bfloat16(), image_grid_thw=b["image_grid_thw"])
+    pairs = list(zip(feats.hidden_states, h16, h32)) + [(ours.lm_head(feats.hidden_states[-1]), l16, l32)]
+    for i, (o, r16, r32) in enumerate(pairs):
+        e_ours, e_ref = rel_err(o[valid], r32[valid]), rel_err(r16[valid], r32[valid])
+        assert e_ours <= max(1.5 * e_ref, 4e-3), f"stage {i}: ours {e_ours:.2e} vs reference bf16 {e_ref:.2e}"
+        assert rel_err(o[valid], r16[valid]) <= 2e-2, f"stage {i}"
