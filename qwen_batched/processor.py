@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from .config import TINY_VOCAB, ModelConfig, default_chat_template, default_preprocessor_config
-from .prompts import (IMAGE_TOKEN, ModelInputs, expand_image_tokens, pad_batch, render_builtin, render_jinja,
-                      render_raw)
+from .prompts import (IMAGE_TOKEN, ModelInputs, check_placeholders, expand_image_tokens, pad_batch, render_builtin,
+                      render_jinja, render_raw)
 from .resize import device_taps, resize_float
 from .tokenizer import ByteTokenizer, load_tokenizer
 
@@ -206,7 +206,7 @@ class BatchedImageProcessor:
         tok_path = os.path.join(path, "tokenizer.json")
         tokenizer = load_tokenizer(tok_path) if os.path.isfile(tok_path) else None
         ids = _token_ids(model_config) if model_config is not None else _tokenizer_ids(tokenizer)
-        return cls.from_config_dict(pre, tokenizer=tokenizer, chat_template=_find_chat_template(path), **ids, **kwargs)
+        return cls.from_config_dict(pre, tokenizer=tokenizer, chat_template=_find_chat_template(path), **{**ids, **kwargs})
 
     def _check_tokenizer_ids(self) -> None:
         if self.tokenizer is None:
@@ -247,19 +247,15 @@ class BatchedImageProcessor:
         (T, H, W, 3) arrays or lists of frames; ``grid_t = ceil(T / temporal_patch_size)``, an odd clip
         repeating its last frame. Outputs are on the images' device (or ``device``).
         """
-        processed, _ = self._process(images, min_pixels, max_pixels, rescale, as_video, device)
-        return processed
-
-    __call__ = preprocess_images
-
-    def _process(self, images, min_pixels, max_pixels, rescale, as_video, device):
-        min_pixels, max_pixels = self._check_pixels(
-            self.min_pixels if min_pixels is None else min_pixels, self.max_pixels if max_pixels is None else max_pixels)
         groups, counts = self._collect(images, bool(as_video), min_pixels, max_pixels, device)
+        return self._run(groups, counts, rescale, device)[0]
+
+    def _run(self, groups: list["_Group"], counts: list[int], rescale, device) -> tuple[ProcessedImages, list]:
+        """Process checked groups: one resize + one patchify per distinct input size. Also returns the grids."""
         dev = groups[0].frames.device if groups else torch.device(device or "cpu")
         grids: list[list[int]] = [[]] * sum(counts)
         outputs = []
-        for g in groups:  # one resize + one patchify per distinct input size
+        for g in groups:
             patches, grid = self._process_group(g, rescale)
             outputs.append(patches)
             for i in g.index:
@@ -268,8 +264,10 @@ class BatchedImageProcessor:
         thw = torch.tensor(grids, dtype=torch.long).reshape(-1, 3).to(dev)
         return ProcessedImages(pixel_values, thw, tuple(counts)), grids
 
-    def _collect(self, images, video: bool, min_pixels: int, max_pixels: int, device):
+    def _collect(self, images, video: bool, min_pixels: int | None, max_pixels: int | None, device):
         """Check everything, then group images by (frames, size, dtype): list of _Group, images per sample."""
+        min_pixels, max_pixels = self._check_pixels(self.min_pixels if min_pixels is None else min_pixels,
+                                                    self.max_pixels if max_pixels is None else max_pixels)
         if isinstance(images, torch.Tensor):
             frames, counts = self._batch_tensor(images, video)
             groups = [_Group(frames, list(range(frames.shape[0])), (0, 0))] if frames.shape[0] else []
@@ -378,26 +376,21 @@ class BatchedImageProcessor:
         if self.tokenizer is None:
             raise RuntimeError("this processor has no tokenizer: prompts need the checkpoint's tokenizer.json "
                                "(load the model from a directory that contains it); images work without it")
-        if images is None:
-            processed, grids, counts = None, [], [0] * len(texts)
-        else:
-            processed, grids = self._process(images, min_pixels, max_pixels, rescale, False, device)
-            counts = list(processed.images_per_sample)
+        groups, counts = ([], [0] * len(texts)) if images is None else \
+            self._collect(images, False, min_pixels, max_pixels, device)
         if len(counts) != len(texts):
             raise ValueError(f"texts has {len(texts)} prompts but images has {len(counts)} samples; "
                              "give one images entry per prompt (None or [] for a text-only prompt)")
-        merge = self.merge_size ** 2
-        per_image = [math.prod(g) // merge for g in grids]
-        prompts, start = [], 0
-        for i, (text, n) in enumerate(zip(texts, counts)):
-            prompt = self._render(text, n, chat_template, system_prompt)
-            prompts.append(expand_image_tokens(prompt, per_image[start:start + n], i))
-            start += n
-        if device is None:
-            device = processed.pixel_values.device if processed is not None else None
+        prompts = [self._render(text, n, chat_template, system_prompt) for text, n in zip(texts, counts)]
+        for i, (prompt, n) in enumerate(zip(prompts, counts)):
+            check_placeholders(prompt, n, i)
+        processed, grids = self._run(groups, counts, rescale, device)  # all checks done: now the work
+        per_image = [math.prod(g) // self.merge_size ** 2 for g in grids]
+        starts = np.cumsum([0] + counts).tolist()
+        prompts = [expand_image_tokens(p, per_image[a:b]) for p, a, b in zip(prompts, starts, starts[1:])]
         ids, mask, mm = pad_batch(self.tokenizer.encode_batch(prompts), self.pad_token_id, self.image_token_id,
-                                  padding_side, device)
-        if processed is None or not grids:
+                                  padding_side, device if device is not None else processed.pixel_values.device)
+        if not grids:
             return ModelInputs(ids, mask, mm, None, None, tuple(counts))
         return ModelInputs(ids, mask, mm, processed.pixel_values, processed.image_grid_thw, tuple(counts))
 
@@ -427,11 +420,12 @@ class BatchedImageProcessor:
 def _check_texts(texts) -> list[str]:
     if isinstance(texts, str):
         return [texts]
-    if isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts):
-        return list(texts)
-    raise TypeError(f"texts must be a str or a non-empty list of str, got {type(texts).__name__}"
-                    + (f" with a {type(next(t for t in texts if not isinstance(t, str))).__name__} entry"
-                       if isinstance(texts, (list, tuple)) and texts else ""))
+    if not isinstance(texts, (list, tuple)) or not texts:
+        raise TypeError(f"texts must be a str or a non-empty list of str, got {texts!r:.80}")
+    bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"texts must be a str or a non-empty list of str, got a list holding {bad[0]}")
+    return list(texts)
 
 
 def _token_ids(cfg: ModelConfig) -> dict[str, int]:
@@ -474,10 +468,14 @@ def _find_chat_template(path: str) -> str | None:
 
 def load_processor(path: str | os.PathLike | None, model_config: ModelConfig) -> BatchedImageProcessor:
     """The processor a model uses: from a checkpoint directory, or (``path=None``) the published preprocessor
-    config with, for the tiny preset's vocabulary, the built-in byte tokenizer (no tokenizer otherwise: images
-    work, prompts ask for a tokenizer.json)."""
+    config. Without a tokenizer.json the tiny preset's vocabulary gets the built-in byte tokenizer; other
+    vocabularies get none (images work, prompts ask for a tokenizer.json)."""
+    tiny = model_config.text.vocab_size == TINY_VOCAB
     if path is not None:
-        return BatchedImageProcessor.from_pretrained(path, model_config)
-    tokenizer = ByteTokenizer() if model_config.text.vocab_size == TINY_VOCAB else None
-    return BatchedImageProcessor.from_config_dict(default_preprocessor_config(), tokenizer=tokenizer,
+        proc = BatchedImageProcessor.from_pretrained(path, model_config)
+        if proc.tokenizer is None and tiny:
+            proc.tokenizer = ByteTokenizer()
+        return proc
+    return BatchedImageProcessor.from_config_dict(default_preprocessor_config(),
+                                                  tokenizer=ByteTokenizer() if tiny else None,
                                                   **_token_ids(model_config))

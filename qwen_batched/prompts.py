@@ -84,12 +84,17 @@ def render_raw(text: str, n_images: int) -> str:
     return IMAGE_BLOCK * n_images + text
 
 
-def expand_image_tokens(prompt: str, tokens_per_image: Sequence[int], sample: int) -> str:
-    """Repeat the i-th ``<|image_pad|>`` of ``prompt`` ``tokens_per_image[i]`` times."""
+def check_placeholders(prompt: str, n_images: int, sample: int) -> None:
+    """A rendered prompt must hold exactly one ``<|image_pad|>`` per image of its sample."""
+    found = prompt.count(IMAGE_TOKEN)
+    if found != n_images:
+        raise ValueError(f"texts[{sample}]: the prompt has {found} {IMAGE_TOKEN} placeholders but the sample has "
+                         f"{n_images} images (the processor inserts the image blocks itself)")
+
+
+def expand_image_tokens(prompt: str, tokens_per_image: Sequence[int]) -> str:
+    """Repeat the i-th ``<|image_pad|>`` of ``prompt`` ``tokens_per_image[i]`` times (counts already checked)."""
     parts = prompt.split(IMAGE_TOKEN)
-    if len(parts) - 1 != len(tokens_per_image):
-        raise ValueError(f"texts[{sample}]: the prompt has {len(parts) - 1} {IMAGE_TOKEN} placeholders but the "
-                         f"sample has {len(tokens_per_image)} images")
     out = [parts[0]]
     for n, part in zip(tokens_per_image, parts[1:]):
         out.append(IMAGE_TOKEN * n)

@@ -326,6 +326,9 @@ def test_from_pretrained_reads_resaved_preprocessor_config(tmp_path):
     p = BatchedImageProcessor.from_pretrained(tmp_path, tiny_config())
     assert (p.min_pixels, p.max_pixels, p.tokenizer, p.chat_template) == (1000, 200704, None, None)
     assert p.image_token_id == tiny_config().image_token_id
+    loaded = load_processor(tmp_path, tiny_config())  # no tokenizer.json: the tiny vocabulary is built in
+    assert loaded.max_pixels == 200704 and type(loaded.tokenizer).__name__ == "ByteTokenizer"
+    assert load_processor(tmp_path, ModelConfig.from_name("3b")).tokenizer is None
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -395,6 +398,11 @@ def test_errors_come_before_any_work(proc, monkeypatch):
     bad[1, 1, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         proc.preprocess_images([noise(200, 300), bad])
+    tiny = load_processor(None, tiny_config())
+    with pytest.raises(ValueError, match="texts has 1 prompts but images has 2 samples"):
+        tiny.prepare([noise(200, 300), noise(60, 60)], "one prompt")
+    with pytest.raises(ValueError, match="placeholders"):
+        tiny.prepare([noise(200, 300)], "<|image_pad|>")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
