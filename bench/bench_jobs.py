@@ -15,6 +15,7 @@ Rows (same questions, same weights, greedy):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -50,8 +51,33 @@ def make_dataset(root: str, n: int, lo: int, hi: int, seed: int) -> tuple[str, s
     return os.path.join(root, "questions.jsonl"), folder
 
 
+def byte_vocab_config(cfg: ModelConfig) -> ModelConfig:
+    """``cfg``'s shapes with the tiny preset's special-token ids, so the built-in byte tokenizer can drive it
+    (a random-weight preset has no tokenizer.json; its vocabulary size, and so the cost, is unchanged)."""
+    from qwen_batched.config import TINY_SPECIAL_TOKENS
+
+    sid = {tok: 256 + i for i, tok in enumerate(TINY_SPECIAL_TOKENS)}
+    return dataclasses.replace(
+        cfg, image_token_id=sid["<|image_pad|>"], video_token_id=sid["<|video_pad|>"],
+        vision_start_token_id=sid["<|vision_start|>"], vision_end_token_id=sid["<|vision_end|>"],
+        eos_token_ids=(sid["<|im_end|>"], sid["<|endoftext|>"]), pad_token_id=sid["<|endoftext|>"],
+        bos_token_id=sid["<|endoftext|>"]).validate()
+
+
+def byte_processor(cfg: ModelConfig):
+    from qwen_batched.config import default_preprocessor_config
+    from qwen_batched.processor import BatchedImageProcessor
+    from qwen_batched.tokenizer import ByteTokenizer
+
+    return BatchedImageProcessor.from_config_dict(
+        default_preprocessor_config(), tokenizer=ByteTokenizer(), image_token_id=cfg.image_token_id,
+        video_token_id=cfg.video_token_id, vision_start_token_id=cfg.vision_start_token_id,
+        vision_end_token_id=cfg.vision_end_token_id, pad_token_id=cfg.pad_token_id)
+
+
 def build_models(spec: str, device: torch.device, dtype: torch.dtype, need_hf: bool):
-    """(ours, hf or None): the same weights; a preset gets random weights."""
+    """(ours, hf or None) sharing one set of weights. A checkpoint directory is loaded by both; a preset name
+    gets random weights (transformers' init) and the byte tokenizer."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     if os.path.isdir(spec):
@@ -60,16 +86,17 @@ def build_models(spec: str, device: torch.device, dtype: torch.dtype, need_hf: b
         if need_hf:
             hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(spec, dtype=dtype).to(device).eval()
         return ours, hf
-    if not need_hf:
-        return QwenBatchedVL.from_config(spec, device=device, dtype=dtype), None
-    cfg = ModelConfig.from_name(spec)
+    cfg = byte_vocab_config(ModelConfig.from_name(spec))
     torch.manual_seed(0)
     hf_cfg = Qwen2_5_VLConfig(**cfg.to_hf_dict())
     hf_cfg._attn_implementation = "flash_attention_2" if device.type == "cuda" and _has_flash() else "sdpa"
     with torch.device(device):
         hf = Qwen2_5_VLForConditionalGeneration(hf_cfg).to(dtype).eval()
     ours = QwenBatchedVL.from_hf(hf)
-    ours.processor = QwenBatchedVL.from_config("tiny").processor if spec == "tiny" else _processor_for(cfg)
+    ours.processor = byte_processor(cfg)
+    if not need_hf:
+        del hf
+        hf = None
     return ours, hf
 
 
@@ -79,12 +106,6 @@ def _has_flash() -> bool:
         return True
     except ImportError:
         return False
-
-
-def _processor_for(cfg):
-    from qwen_batched.processor import load_processor
-
-    return load_processor(None, cfg)
 
 
 def run_jobs(model, spec, q, folder, out, *, batch_size, workers, max_new_tokens, device, extra=()):

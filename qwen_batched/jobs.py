@@ -805,8 +805,9 @@ class Job:
             _log(dist, f"note: --model {args.model} is a preset with RANDOM weights: its output is meaningless, "
                        f"for tests and demos")
         self.processor = self.model.processor
-        if self.processor is None:
-            raise RuntimeError("the model has no processor (qwen_batched.processor is unavailable)")
+        if self.processor is None or getattr(self.processor, "tokenizer", None) is None:
+            raise SystemExit(f"error: model {args.model!r} has no tokenizer (prompts need the checkpoint's "
+                             f"tokenizer.json); random-weight presets other than 'tiny' have none")
         plan = make_plan(self.items, done_keys, TokenEstimator(self.processor, self.model.cfg), dist,
                          batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, window=args.sort_window,
                          extra_tokens=self.extra_tokens, threads=max(1, args.workers))

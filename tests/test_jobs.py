@@ -597,3 +597,19 @@ def test_extract_shards_match_extract_features(tmp_path, tiny):
     a, b = jobs.load_features(str(out), 1), jobs.load_features(str(out2), 1)
     assert torch.equal(b["layer.2"], a["layer.2"][a["image_mask"]]) and bool(b["image_mask"].all())
     assert torch.equal(b["position"], a["position"][a["image_mask"]])
+
+
+def test_bench_answers_equal_transformers_generate_per_sample(capsys):
+    # the benchmark's rows double as a parity check: the answer job on a transformers model's weights gives
+    # the same greedy answers as transformers' own generate, one question at a time
+    sys.path.insert(0, ROOT)
+    from bench import bench_jobs
+
+    threads = torch.get_num_threads()
+    try:
+        res = bench_jobs.main(["--n", "6", "--max-new-tokens", "6", "--batch-size", "4", "--skip-bs1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["method"].split(",")[0] for r in res] == ["jobs", "HF generate per sample"]
+    assert res[-1]["same_answers"] == 1.0 and res[0]["new_tokens"] == res[1]["new_tokens"]
+    assert "| questions/s |" in capsys.readouterr().out
