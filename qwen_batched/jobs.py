@@ -795,6 +795,8 @@ class Job:
         if failure is not None:
             raise SystemExit(f"rank 0 failed: {failure}")
         self.model_id = model_id_of(args.model)
+        if self.model is not None:
+            self.check_model(self.model)
         if all(it.key in done_keys for it in self.items):  # nothing left: no model needed, just (re)merge
             _log(dist, f"{self.kind}: all {len(self.items)} inputs already done")
             return self._finish([{"n": 0, "errors": 0, "shards": [], "extra": self.rank_stats()}], t0)
@@ -804,6 +806,7 @@ class Job:
         if is_preset(args.model):
             _log(dist, f"note: --model {args.model} is a preset with RANDOM weights: its output is meaningless, "
                        f"for tests and demos")
+        self.check_model(self.model)
         self.processor = self.model.processor
         if self.processor is None or getattr(self.processor, "tokenizer", None) is None:
             raise SystemExit(f"error: model {args.model!r} has no tokenizer (prompts need the checkpoint's "
@@ -869,6 +872,9 @@ class Job:
 
     def rank_stats(self) -> dict:
         return {}
+
+    def check_model(self, model) -> None:
+        """Fail before any work when the options do not fit the model."""
 
 
 # ====================================================================================================== answer
@@ -1149,6 +1155,13 @@ class ExtractJob(Job):
 
     def rank_stats(self) -> dict:
         return {"layers": self.resolved_layers}
+
+    def check_model(self, model) -> None:
+        n = model.cfg.text.num_hidden_layers
+        bad = [L for L in self.layers if not -(n + 1) <= L <= n]
+        if bad:
+            raise SystemExit(f"error: --layers {bad} out of range: this model has hidden states 0..{n} "
+                             f"(0 embeddings, {n} after the final norm; negative counts from the end)")
 
     def merge(self, stats) -> str:
         resolved = next((st["extra"]["layers"] for st in stats if st["extra"].get("layers")), None)

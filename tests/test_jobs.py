@@ -445,6 +445,9 @@ def test_extract_with_fake_model_index_and_rows(tmp_path):
     with pytest.raises(SystemExit, match="layers"):
         jobs.main(["extract", "--model", "tiny", "--images", str(folder), "--out", str(out), "--layers", "1",
                    "--text", "hi", "--no-progress"], model=m2)
+    with pytest.raises(SystemExit, match="out of range"):  # checked before any work
+        jobs.main(["extract", "--model", "tiny", "--images", str(folder), "--out", str(tmp_path / "f2"),
+                   "--layers", "-1,9", "--no-progress"], model=m2)
     # --retry-errors redoes the broken file only, into a new shard; the index points at the newest entries
     make_images(str(tmp_path / "fix"), [(56, 56)])
     os.replace(tmp_path / "fix" / "img000.png", folder / "broken.jpg")
