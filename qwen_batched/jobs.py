@@ -735,14 +735,16 @@ def run_split(inputs, positions: list[int], call: Callable, split: Callable, on_
         guard.ok()
         return res
     except Exception as e:  # noqa: BLE001 - isolate the failure to the items that cause it
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if len(positions) == 1:
-            guard.failed(e)
-            return [on_fail(positions[0], e)]
-        h = len(positions) // 2
-        return (run_split(split(inputs, range(h)), positions[:h], call, split, on_fail, guard, device) +
-                run_split(split(inputs, range(h, len(positions))), positions[h:], call, split, on_fail, guard, device))
+        e.__traceback__ = None  # drop the failed call's frames (and the activations they hold) before retrying
+        failure = e
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if len(positions) == 1:
+        guard.failed(failure)
+        return [on_fail(positions[0], failure)]
+    h = len(positions) // 2
+    return (run_split(split(inputs, range(h)), positions[:h], call, split, on_fail, guard, device) +
+            run_split(split(inputs, range(h, len(positions))), positions[h:], call, split, on_fail, guard, device))
 
 
 class Job:
@@ -799,7 +801,7 @@ class Job:
             self.check_model(self.model)
         if all(it.key in done_keys for it in self.items):  # nothing left: no model needed, just (re)merge
             _log(dist, f"{self.kind}: all {len(self.items)} inputs already done")
-            return self._finish([{"n": 0, "errors": 0, "shards": [], "extra": self.rank_stats()}], t0)
+            return self._finish([{"n": 0, "errors": 0, "shards": [], "seconds": 0.0, "extra": self.rank_stats()}], t0)
 
         if self.model is None:
             self.model = load_model(args.model, self.device, args.dtype, args.weights_seed)
@@ -829,6 +831,7 @@ class Job:
                                                    cfg.vision.merge_unit)
         on_fail = lambda pos, e: self.error_result(pos, _err(e), retry=True)  # noqa: E731
         n_err = 0
+        t_loop = time.perf_counter()
         try:
             with torch.inference_mode():
                 for lb in prefetch(plan.batches, loader, args.workers, args.prefetch):
@@ -851,7 +854,7 @@ class Job:
         progress.close()
 
         stats = dist.all_gather({"n": len(plan.mine), "errors": n_err, "shards": writer.written,
-                                 "extra": self.rank_stats()})
+                                 "seconds": time.perf_counter() - t_loop, "extra": self.rank_stats()})
         return self._finish(stats, t0)
 
     def _finish(self, stats: list[dict], t0: float) -> int:
@@ -864,10 +867,10 @@ class Job:
             raise RuntimeError(f"rank 0 cannot see {len(unseen)} shard(s) that other ranks wrote (e.g. {unseen[0]}): "
                                f"the output must be on a filesystem all ranks share")
         where = self.merge(stats)
-        total_new, wall = sum(st["n"] for st in stats), time.perf_counter() - t0
+        total_new, busy = sum(st["n"] for st in stats), max(st["seconds"] for st in stats)
         _log(dist, f"{self.kind}: {len(self.items)} inputs -> {where} ({total_new} new, "
-                   f"{sum(st['errors'] for st in stats)} errors); {total_new / max(wall, 1e-9):.2f} items/s over "
-                   f"{wall:.1f} s")
+                   f"{sum(st['errors'] for st in stats)} errors); {total_new / max(busy, 1e-9):.2f} items/s "
+                   f"({busy:.1f} s processing, {time.perf_counter() - t0:.1f} s in all)")
         return 0
 
     def rank_stats(self) -> dict:
