@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from .attention import resolve_backend
+from .batching import RowSlicer, Rows, check_budget, plan_ranges, run_ranges
 from .config import ModelConfig, load_generation_eos
 from .generation import check_sampling, generate_tokens
 from .outputs import FeatureOutput, GenerateOutput
@@ -203,7 +204,8 @@ class QwenBatchedVL(nn.Module):
     @torch.inference_mode()
     def extract_features(self, *, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                          pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                         images=None, texts=None, layers=None, final_norm: bool = True) -> FeatureOutput:
+                         images=None, texts=None, layers=None, final_norm: bool = True,
+                         max_batch_tokens: int | None = None) -> FeatureOutput:
         """Decoder hidden states of a batch, in the reference's ``output_hidden_states`` convention.
 
         input_ids / attention_mask: (B, L), any padding side. pixel_values (sum t*h*w, C*T*P*P) and
@@ -212,29 +214,46 @@ class QwenBatchedVL(nn.Module):
         layers: indices to return (default all): 0 = embeddings, i = output of layer i, num_layers = after the
         final norm (before it when ``final_norm=False``); negative indices count from the end. Layers past the
         deepest requested one are not run.
+        max_batch_tokens: cap on rows x longest row per forward; a larger batch runs as sub-batches (results in
+        the original order, identical to one pass). A sub-batch that runs out of device memory is halved and retried.
         """
         layers = self._resolve_layers(layers)
         if not isinstance(final_norm, bool):
             raise TypeError(f"final_norm must be a bool, got {type(final_norm).__name__}")
-        x = self._decoder_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, images, texts)
-        _, states = run_batch(self.model, x.embeds, x.position_ids, x.valid, kernel=self._text_kernel(),
-                              depth=max(layers), keep=layers, final_norm=final_norm)
-        return FeatureOutput(hidden_states=tuple(states[i] for i in layers), attention_mask=x.attention_mask,
-                             image_mask=x.image_mask, vision_embeds=x.vision_embeds, layers=layers)
+        budget = check_budget(max_batch_tokens)
+        batch = self._validated_rows(input_ids, attention_mask, pixel_values, image_grid_thw, images, texts)
+        slicer = RowSlicer(batch, self.cfg.image_token_id, self.cfg.vision.merge_unit)
+
+        def run(s: int, e: int):
+            sub = slicer(s, e)
+            x = self._embed(sub)
+            _, states = run_batch(self.model, x.embeds, x.position_ids, x.valid, kernel=self._text_kernel(),
+                                  depth=max(layers), keep=layers, final_norm=final_norm)
+            states = [torch.nn.functional.pad(states[i], (0, 0, sub.left, sub.right)) for i in layers]
+            return states, x.vision_embeds
+
+        parts = [r for _, r in run_ranges(plan_ranges(slicer.lengths, budget), run, self._free_memory)]
+        hidden = tuple(torch.cat([p[0][j] for p in parts]) for j in range(len(layers)))
+        vis = [p[1] for p in parts if p[1] is not None]
+        mask = batch.attention_mask.to(self.device)
+        return FeatureOutput(hidden_states=hidden, attention_mask=mask,
+                             image_mask=batch.input_ids.to(self.device) == self.cfg.image_token_id,
+                             vision_embeds=torch.cat(vis) if vis else None, layers=layers)
 
     @torch.inference_mode()
     def generate(self, *, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                  images=None, texts=None, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, eos_token_id: int | list[int] | None = None, seed: int | None = None,
-                 compile: bool = False) -> GenerateOutput:
+                 compile: bool = False, max_batch_tokens: int | None = None) -> GenerateOutput:
         """Generate for a whole batch: one prefill, then fixed-shape decode steps over a static KV cache.
 
         Inputs as for ``extract_features``. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off;
         ``seed`` makes sampling reproducible. eos_token_id: None = the checkpoint's EOS ids, an int or a list
         overrides, [] never stops. A row stops after its EOS (later slots hold the pad id); the loop ends when all
         rows have stopped. compile=True runs the decode step through torch.compile (CUDA graphs on GPU; falls
-        back to eager if compilation fails).
+        back to eager if compilation fails). max_batch_tokens caps rows x (longest prompt + max_new_tokens) per
+        sub-batch, as in ``extract_features`` (with a seed, sampling depends on how the batch is split).
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -244,12 +263,24 @@ class QwenBatchedVL(nn.Module):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
-        x = self._decoder_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, images, texts)
+        budget = check_budget(max_batch_tokens)
+        batch = self._validated_rows(input_ids, attention_mask, pixel_values, image_grid_thw, images, texts)
+        slicer = RowSlicer(batch, self.cfg.image_token_id, self.cfg.vision.merge_unit)
+        self._check_context(max(slicer.lengths) + max_new_tokens, "prompt length + max_new_tokens")
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        seqs, lengths = generate_tokens(
-            self, x.embeds, x.position_ids, x.valid, max_new_tokens=max_new_tokens, temperature=float(temperature),
-            top_k=top_k, top_p=float(top_p), eos_ids=eos_ids, pad_id=self.cfg.pad_token_id, generator=gen,
-            kernel=self._text_kernel(), compile=compile, sync_every=4 if self.device.type == "cuda" else 1)
+
+        def run(s: int, e: int):
+            x = self._embed(slicer(s, e))
+            return generate_tokens(
+                self, x.embeds, x.position_ids, x.valid, max_new_tokens=max_new_tokens,
+                temperature=float(temperature), top_k=top_k, top_p=float(top_p), eos_ids=eos_ids,
+                pad_id=self.cfg.pad_token_id, generator=gen, kernel=self._text_kernel(), compile=compile,
+                sync_every=4 if self.device.type == "cuda" else 1)
+
+        ranges = plan_ranges(slicer.lengths, budget, extra=max_new_tokens)
+        parts = [r for _, r in run_ranges(ranges, run, self._free_memory)]
+        seqs = torch.cat([p[0] for p in parts])
+        lengths = torch.cat([p[1] for p in parts])
         tokenizer = getattr(self.processor, "tokenizer", None) if self.processor is not None else None
         texts_out = None
         if tokenizer is not None:
@@ -288,8 +319,8 @@ class QwenBatchedVL(nn.Module):
             raise ValueError(f"eos_token_id {eos_token_id!r} outside the vocabulary (0..{self.cfg.text.vocab_size - 1})")
         return tuple(ids)
 
-    def _decoder_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, images, texts):
-        """Validate everything, then encode the images and build embeddings and 3-D positions."""
+    def _validated_rows(self, input_ids, attention_mask, pixel_values, image_grid_thw, images, texts) -> Rows:
+        """Run the processor for images=/texts=, then validate the whole batch before any work."""
         if images is not None or texts is not None:
             given = [k for k, v in (("input_ids", input_ids), ("attention_mask", attention_mask),
                                     ("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw)) if v is not None]
@@ -302,21 +333,43 @@ class QwenBatchedVL(nn.Module):
                                             device=self.device)
             input_ids, attention_mask = inputs.input_ids, inputs.attention_mask
             pixel_values, image_grid_thw = inputs.pixel_values, inputs.image_grid_thw
+        self._check_devices(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                            image_grid_thw=image_grid_thw)
         ids, mask, n_image_tokens = self._check_ids(input_ids, attention_mask)
+        self._check_context(ids.shape[1], "input length")
         grid = self._check_images(pixel_values, image_grid_thw, n_image_tokens)
         dev = self.device
-        ids, mask = ids.to(dev), mask.to(dev)
+        return Rows(ids.to(dev), mask.to(dev), None if grid is None else pixel_values.to(dev),
+                    None if grid is None else grid.to(dev))
+
+    def _embed(self, rows: Rows) -> SimpleNamespace:
+        """Token embeddings with the encoded images scattered in, and 3-D positions."""
+        ids, mask, grid = rows.input_ids, rows.attention_mask, rows.image_grid_thw
         embeds = self.model.embed_tokens(ids)  # (B, L, D)
         image_mask = ids == self.cfg.image_token_id
         vision = None
         if grid is not None:
-            grid = grid.to(dev)
-            vision = self.encode_images(pixel_values.to(dev), grid).to(embeds.dtype)  # (n_image_tokens, D)
+            vision = self.encode_images(rows.pixel_values, grid).to(embeds.dtype)  # (n_image_tokens, D)
             embeds = embeds.masked_scatter(image_mask[..., None], vision)
         position_ids, _ = rope_index(ids, mask, grid, image_token_id=self.cfg.image_token_id,
                                      spatial_merge_size=self.cfg.vision.spatial_merge_size)
         return SimpleNamespace(embeds=embeds, position_ids=position_ids, valid=mask.bool(), attention_mask=mask,
                                image_mask=image_mask, vision_embeds=vision)
+
+    def _free_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _check_devices(self, **tensors) -> None:
+        devs = {k: v.device for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+        if len(set(devs.values())) > 1:
+            raise ValueError(f"input tensors are on different devices: {', '.join(f'{k}={d}' for k, d in devs.items())}; "
+                             f"put them on one device (the model is on {self.device})")
+
+    def _check_context(self, length: int, what: str) -> None:
+        limit = self.cfg.text.max_position_embeddings
+        if length > limit:
+            raise ValueError(f"{what} {length} exceeds the model's context of {limit} tokens (max_position_embeddings)")
 
     def _check_ids(self, input_ids, attention_mask):
         if input_ids is None:
@@ -371,6 +424,8 @@ class QwenBatchedVL(nn.Module):
         n_patches = int(grid.prod(-1).sum())
         if pixel_values.shape[0] != n_patches:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} patch rows but image_grid_thw gives {n_patches}")
+        if not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("pixel_values holds NaN or inf values")
         n_features = n_patches // (m * m)
         if n_image_tokens != n_features:
             raise ValueError(f"input_ids holds {n_image_tokens} image tokens but image_grid_thw gives "
