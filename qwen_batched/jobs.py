@@ -1260,7 +1260,8 @@ def _common_args(p: argparse.ArgumentParser, shard_size: int) -> None:
     p.add_argument("--shard-size", type=int, default=shard_size, help="items per shard file (resume granularity)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="threads decoding/preprocessing upcoming batches (0: inline)")
-    p.add_argument("--prefetch", type=int, default=None, help="batches prepared ahead (default 2 x workers)")
+    p.add_argument("--prefetch", type=int, default=None,
+                   help="batches prepared ahead, each held in (pinned) memory (default: workers + 1)")
     p.add_argument("--limit", type=int, default=None, help="only the first N inputs")
     p.add_argument("--overwrite", action="store_true", help="discard earlier results in the output")
     p.add_argument("--retry-errors", action="store_true", help="redo items that failed in an earlier run")
@@ -1332,7 +1333,7 @@ def main(argv: Sequence[str] | None = None, model=None) -> int:
     """CLI entry point; ``model`` (optional) is used instead of loading ``--model`` (in-process callers)."""
     args = build_parser().parse_args(_join_layers(list(sys.argv[1:] if argv is None else argv)))
     if args.prefetch is None:
-        args.prefetch = max(1, 2 * args.workers)
+        args.prefetch = max(2, args.workers + 1)
     if args.batch_size < 1 or args.shard_size < 1:
         raise SystemExit("error: --batch-size and --shard-size must be >= 1")
     src = args.questions if args.command == "answer" else args.images
