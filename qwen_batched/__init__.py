@@ -2,10 +2,10 @@
 from .config import ModelConfig, TextConfig, VisionConfig
 from .api import QwenBatchedVL
 
-try:
-    from .processor import BatchedImageProcessor
-except ImportError:  # pragma: no cover - during partial installs
-    pass
+from .outputs import FeatureOutput, GenerateOutput
+from .processor import BatchedImageProcessor, load_processor, smart_resize
+from .prompts import ModelInputs
 
-__all__ = ["QwenBatchedVL", "ModelConfig", "TextConfig", "VisionConfig", "BatchedImageProcessor"]
+__all__ = ["QwenBatchedVL", "ModelConfig", "TextConfig", "VisionConfig", "BatchedImageProcessor", "ModelInputs",
+           "FeatureOutput", "GenerateOutput", "load_processor", "smart_resize"]
 __version__ = "0.1.0"

@@ -133,11 +133,8 @@ class QwenBatchedVL(nn.Module):
         return model
 
     def _attach_processor(self, path: str | None) -> None:
-        try:
-            from .processor import load_processor
-        except ImportError:  # processor module not available
-            self.processor = None
-            return
+        from .processor import load_processor
+
         self.processor = load_processor(path, self.cfg)
 
     # ------------------------------------------------------------------ properties
