@@ -79,12 +79,7 @@ class QwenBatchedVL(nn.Module):
             state[name] = t
         if cfg.tie_word_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        model.load_state_dict(state, strict=True, assign=True)
-        if cfg.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        model = model.eval().requires_grad_(False)
-        model._attach_processor(None)
-        return model
+        return model._take(state, processor_path=None)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device=None, dtype=None,
@@ -105,13 +100,7 @@ class QwenBatchedVL(nn.Module):
         device = torch.device(device) if device is not None else torch.device("cpu")
         dtype = _check_dtype(dtype) or _default_dtype(device, cfg)
         model = cls._empty(cfg, device, dtype, attn_backend)
-        state = load_state_dict(path, model, device=device, dtype=dtype)
-        model.load_state_dict(state, strict=True, assign=True)
-        if cfg.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        model = model.eval().requires_grad_(False)
-        model._attach_processor(path)
-        return model
+        return model._take(load_state_dict(path, model, device=device, dtype=dtype), processor_path=path)
 
     @classmethod
     def from_hf(cls, hf_model, *, attn_backend: str = "auto") -> "QwenBatchedVL":
@@ -124,18 +113,18 @@ class QwenBatchedVL(nn.Module):
         param = next(hf_model.parameters())
         model = cls._empty(cfg, param.device, param.dtype, attn_backend)
         sd = {k: v.detach() for k, v in hf_model.state_dict(keep_vars=True).items()}
-        state = convert_state_dict(sd, model, device=param.device, dtype=param.dtype)
-        model.load_state_dict(state, strict=True, assign=True)
-        if cfg.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        model = model.eval().requires_grad_(False)
-        model._attach_processor(None)
-        return model
+        return model._take(convert_state_dict(sd, model, device=param.device, dtype=param.dtype), processor_path=None)
 
-    def _attach_processor(self, path: str | None) -> None:
+    def _take(self, state: dict[str, torch.Tensor], processor_path: str | None) -> "QwenBatchedVL":
+        """Adopt ``state`` (checked tensors) as the parameters, re-tie embeddings, freeze, attach the processor."""
         from .processor import load_processor
 
-        self.processor = load_processor(path, self.cfg)
+        self.load_state_dict(state, strict=True, assign=True)
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.eval().requires_grad_(False)
+        self.processor = load_processor(processor_path, self.cfg)
+        return self
 
     # ------------------------------------------------------------------ properties
     @property

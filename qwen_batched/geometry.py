@@ -14,7 +14,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .attention import VarlenPlan
 from .config import VisionConfig

@@ -5,7 +5,7 @@ import dataclasses
 
 import torch
 
-from qwen_batched.config import ModelConfig, VisionConfig, tiny_config
+from qwen_batched.config import ModelConfig, tiny_config
 
 
 def tiny_model_config(**vision_overrides) -> ModelConfig:
@@ -41,3 +41,48 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max |ref|"""
     ours, ref = ours.double(), ref.double()
     return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+IMAGE_SIZES = [(56, 56), (112, 168), (224, 84)]  # three images of different sizes in one sample
+
+
+def build_batch(cfg, padding_side: str = "left", seed: int = 1):
+    """Hand-built ids for a batch of three: text only; three images of different sizes; one 392x392 image.
+
+    Returns dict(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, rows, grids) where
+    rows[i] are the unpadded ids and grids[i] the (n, 3) grids of sample i.
+    """
+    g = torch.Generator().manual_seed(seed)
+    IMG, VS, VE = cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id
+
+    def txt(n):
+        return torch.randint(0, 256, (n,), generator=g).tolist()
+
+    def image(h, w):  # pixel size -> (ids block, grid)
+        grid = [1, h // 14, w // 14]
+        return [VS] + [IMG] * (grid[1] * grid[2] // 4) + [VE], grid
+
+    b = [image(h, w) for h, w in IMAGE_SIZES]
+    big = image(392, 392)
+    rows = [txt(23),
+            txt(3) + b[0][0] + txt(2) + b[1][0] + txt(5) + b[2][0] + txt(4),
+            txt(5) + big[0] + txt(6)]
+    grids = [torch.zeros(0, 3, dtype=torch.long), torch.tensor([x[1] for x in b]), torch.tensor([big[1]])]
+    pixels = [torch.randn(int(gr.prod(-1).sum()), cfg.vision.patch_dim, generator=g) for gr in grids]
+    return dict(**pad_rows(cfg, rows, padding_side), pixel_values=torch.cat(pixels), image_grid_thw=torch.cat(grids),
+                rows=rows, grids=grids, pixels=pixels)
+
+
+def pad_rows(cfg, rows, padding_side="left"):
+    L = max(map(len, rows))
+    ids = torch.full((len(rows), L), cfg.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        sl = slice(L - len(r), L) if padding_side == "left" else slice(0, len(r))
+        ids[i, sl] = torch.tensor(r)
+        mask[i, sl] = 1
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == cfg.image_token_id).long())
+
+
+def model_inputs(batch):
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}

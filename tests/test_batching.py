@@ -6,7 +6,7 @@ import qwen_batched.api as api_mod
 from qwen_batched import QwenBatchedVL
 from qwen_batched.batching import plan_ranges
 from tests.helpers import make_hf_model
-from tests.test_decoder import build_batch, model_inputs
+from tests.helpers import build_batch, model_inputs
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import torch
 
 from qwen_batched import QwenBatchedVL
 from tests.helpers import make_hf_model, rel_err
-from tests.test_decoder import build_batch
+from tests.helpers import build_batch
 
 
 @pytest.fixture(scope="module")

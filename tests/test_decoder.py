@@ -1,68 +1,13 @@
 """Decoder parity against transformers' Qwen2.5-VL (fp32, CPU): M-RoPE positions, hidden states, logits."""
-import dataclasses
 
 import pytest
 import torch
 
 from qwen_batched import QwenBatchedVL
 from qwen_batched.rope import mrope_cos_sin, rope_index, section_index, inv_freq
-from tests.helpers import make_hf_model, rel_err
+from tests.helpers import build_batch, model_inputs, pad_rows, rel_err
 
 TOL = 1e-5
-IMAGE_SIZES = [(56, 56), (112, 168), (224, 84)]  # three images of different sizes in one sample
-
-
-def build_batch(cfg, padding_side: str = "left", seed: int = 1):
-    """Hand-built ids for a batch of three: text only; three images of different sizes; one 392x392 image.
-
-    Returns dict(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, rows, grids) where
-    rows[i] are the unpadded ids and grids[i] the (n, 3) grids of sample i.
-    """
-    g = torch.Generator().manual_seed(seed)
-    IMG, VS, VE = cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id
-
-    def txt(n):
-        return torch.randint(0, 256, (n,), generator=g).tolist()
-
-    def image(h, w):  # pixel size -> (ids block, grid)
-        grid = [1, h // 14, w // 14]
-        return [VS] + [IMG] * (grid[1] * grid[2] // 4) + [VE], grid
-
-    b = [image(h, w) for h, w in IMAGE_SIZES]
-    big = image(392, 392)
-    rows = [txt(23),
-            txt(3) + b[0][0] + txt(2) + b[1][0] + txt(5) + b[2][0] + txt(4),
-            txt(5) + big[0] + txt(6)]
-    grids = [torch.zeros(0, 3, dtype=torch.long), torch.tensor([x[1] for x in b]), torch.tensor([big[1]])]
-    pixels = [torch.randn(int(gr.prod(-1).sum()), cfg.vision.patch_dim, generator=g) for gr in grids]
-    return dict(**pad_rows(cfg, rows, padding_side), pixel_values=torch.cat(pixels), image_grid_thw=torch.cat(grids),
-                rows=rows, grids=grids, pixels=pixels)
-
-
-def pad_rows(cfg, rows, padding_side="left"):
-    L = max(map(len, rows))
-    ids = torch.full((len(rows), L), cfg.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        sl = slice(L - len(r), L) if padding_side == "left" else slice(0, len(r))
-        ids[i, sl] = torch.tensor(r)
-        mask[i, sl] = 1
-    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == cfg.image_token_id).long())
-
-
-def model_inputs(batch):
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
-
-
-@pytest.fixture(scope="module")
-def models():
-    hf = make_hf_model()
-    return hf, QwenBatchedVL.from_hf(hf)
-
-
-@pytest.fixture(scope="module")
-def batch(models):
-    return build_batch(models[1].cfg)
 
 
 @pytest.fixture(scope="module")

@@ -2,23 +2,12 @@
 import pytest
 import torch
 
-from qwen_batched import QwenBatchedVL
 from qwen_batched.generation import StaticDecoder, sample
-from tests.helpers import make_hf_model
-from tests.test_decoder import build_batch, model_inputs, pad_rows
+from tests.helpers import model_inputs, pad_rows
 
 N_NEW = 16
 
 
-@pytest.fixture(scope="module")
-def models():
-    hf = make_hf_model()
-    return hf, QwenBatchedVL.from_hf(hf)
-
-
-@pytest.fixture(scope="module")
-def batch(models):
-    return build_batch(models[1].cfg)
 
 
 def hf_generate(hf, b, n=N_NEW, eos=None):

@@ -2,10 +2,9 @@
 import pytest
 import torch
 
-from qwen_batched import QwenBatchedVL
 from qwen_batched.attention import VarlenPlan, varlen_attention
 from qwen_batched.geometry import build_geometry, window_layout
-from tests.helpers import make_hf_model, rel_err
+from tests.helpers import rel_err
 
 TOL = 1e-5
 
@@ -32,10 +31,6 @@ def _mixed32():
 CASES["32-image mixed batch"] = _mixed32()
 
 
-@pytest.fixture(scope="module")
-def models():
-    hf = make_hf_model()
-    return hf, QwenBatchedVL.from_hf(hf)
 
 
 def _inputs(grids, seed=0):
