@@ -1,10 +1,10 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="qwen_batched",
     version="0.1.0",
     description="Batched, on-device Qwen2.5-VL inference: processor, varlen vision tower, decoder and generation",
-    packages=["qwen_batched", "qwen_batched.configs", "qwen_batched.kernels"],
+    packages=find_packages(include=["qwen_batched", "qwen_batched.*"]) + ["qwen_batched.kernels"],
     package_dir={"qwen_batched.kernels": "kernels"},
     package_data={"qwen_batched.configs": ["*.json", "*.jinja"]},
     python_requires=">=3.10",

@@ -1,0 +1,108 @@
+"""Command line of ``python -m qwen_batched answer|extract`` (argparse) and its entry point :func:`main`."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Sequence
+
+from .answer import run_answer
+from .extract import run_extract
+
+
+def _common_args(p: argparse.ArgumentParser, shard_size: int) -> None:
+    p.add_argument("--model", "--model-path", dest="model", required=True,
+                   help="checkpoint directory, or a preset name ('tiny', '3b', ...) for RANDOM weights")
+    p.add_argument("--image-folder", default=None, help="base directory of relative image paths")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--conv-mode", default="chat", choices=["chat", "raw"],
+                   help="chat: the model's chat template; raw: the text as is, images in front")
+    p.add_argument("--batch-size", type=int, default=8, help="most items per batch")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="cap on batch size x longest (estimated) sequence, generated tokens included")
+    p.add_argument("--sort-window", type=int, default=1024, help="items sorted by length within windows of this")
+    p.add_argument("--shard-size", type=int, default=shard_size, help="items per shard file (resume granularity)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="threads decoding/preprocessing upcoming batches (0: inline)")
+    p.add_argument("--prefetch", type=int, default=None,
+                   help="batches prepared ahead, each held in (pinned) memory (default: workers + 1)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N inputs")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier results in the output")
+    p.add_argument("--retry-errors", action="store_true", help="redo items that failed in an earlier run")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--progress-all-ranks", action="store_true", help="a progress line from every rank")
+    p.add_argument("--max-model-failures", type=int, default=8,
+                   help="stop after this many items in a row fail inside the model (they are retried next run)")
+    p.add_argument("--weights-seed", type=int, default=0, help="seed of a preset's random weights")
+    p.add_argument("--dist-timeout", type=float, default=6 * 3600, help="torch.distributed timeout (s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m qwen_batched", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Batched Qwen2.5-VL jobs (single process or torchrun).",
+        epilog="""examples:
+  python -m qwen_batched answer --model /ckpt/Qwen2.5-VL-7B-Instruct --questions q.jsonl \\
+      --image-folder images/ --answers answers.jsonl --batch-size 32
+  torchrun --nproc-per-node=8 -m qwen_batched answer --model /ckpt/Qwen2.5-VL-7B-Instruct ...   (same flags)
+  python -m qwen_batched extract --model /ckpt/Qwen2.5-VL-3B-Instruct --images images/ --out feats/ \\
+      --layers -1,12 --text "Describe the image."
+  python -m qwen_batched answer --model tiny ...   (random weights: for trying the pipeline out)
+
+Rerunning the same command resumes: finished items are kept, the rest is done, the output is rebuilt.""")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("answer", help="answer a question file (LLaVA model_vqa-style answers jsonl)")
+    a.add_argument("--questions", "--question-file", dest="questions", required=True,
+                   help='jsonl: {"question_id", "image": path or list, "text"}')
+    a.add_argument("--answers", "--answers-file", dest="answers", required=True, help="output jsonl")
+    a.add_argument("--shard-dir", default=None, help="where shards go (default: ANSWERS.parts)")
+    a.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=128)
+    a.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    a.add_argument("--top-k", type=int, default=0)
+    a.add_argument("--top-p", type=float, default=1.0)
+    a.add_argument("--seed", type=int, default=0, help="sampling seed (per batch: seed + first position)")
+    _common_args(a, shard_size=64)
+    a.set_defaults(func=run_answer)
+
+    e = sub.add_parser("extract", help="write hidden states of chosen layers as safetensors shards + index.json")
+    e.add_argument("--images", required=True, help="a directory, a .txt list of paths, or a .jsonl of inputs")
+    e.add_argument("--out", required=True, help="output directory (shards and index.json)")
+    e.add_argument("--layers", default="-1", help="comma-separated decoder layers, e.g. -1,12")
+    e.add_argument("--text", default="", help="prompt text that goes with every image")
+    e.add_argument("--tokens", default="all", choices=["all", "image"],
+                   help="rows stored per input: all non-pad tokens, or only image tokens")
+    e.add_argument("--save-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    e.add_argument("--save-vision", action="store_true", help="also store the vision tower's image embeddings")
+    e.add_argument("--no-final-norm", action="store_true", help="last layer without the final RMSNorm")
+    _common_args(e, shard_size=32)
+    e.set_defaults(func=run_extract)
+    return parser
+
+
+def _join_layers(argv: list) -> list:
+    """``--layers -1,12`` -> ``--layers=-1,12`` (argparse would take "-1,12" for an option)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--layers" and i + 1 < len(argv) and re.fullmatch(r"\s*-?\d+(\s*,\s*-?\d+)*\s*", str(argv[i + 1])):
+            out.append(f"--layers={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def main(argv: Sequence[str] | None = None, model=None) -> int:
+    """CLI entry point; ``model`` (optional) is used instead of loading ``--model`` (in-process callers)."""
+    args = build_parser().parse_args(_join_layers(list(sys.argv[1:] if argv is None else argv)))
+    if args.prefetch is None:
+        args.prefetch = max(2, args.workers + 1)
+    if args.batch_size < 1 or args.shard_size < 1:
+        raise SystemExit("error: --batch-size and --shard-size must be >= 1")
+    src = args.questions if args.command == "answer" else args.images
+    if not os.path.exists(src):
+        raise SystemExit(f"error: {src} does not exist")
+    return int(args.func(args, model=model) or 0)
