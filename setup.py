@@ -8,7 +8,7 @@ setup(
     package_dir={"qwen_batched.kernels": "kernels"},
     package_data={"qwen_batched.configs": ["*.json", "*.jinja"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.5", "transformers", "einops", "safetensors", "numpy", "pillow"],
+    install_requires=["torch>=2.5", "transformers", "einops", "safetensors", "numpy", "pillow", "tokenizers", "jinja2"],
     extras_require={
         "test": ["pytest", "triton", "tokenizers"],
         "bench": ["matplotlib"],
