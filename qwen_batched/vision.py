@@ -128,9 +128,8 @@ class VisionTransformer(nn.Module):
         backend = resolve_backend(backend, w.device, w.dtype)
         geo = self.geometry(image_grid_thw, pixel_values.shape[0], backend)
         mu = cfg.merge_unit
-        x = pixel_values.to(device=w.device, dtype=w.dtype)
-        x = x.view(-1, mu, cfg.patch_dim)[geo.window_index].view(-1, cfg.patch_dim)  # window order
-        x = self.patch_embed(x)  # (N, D)
+        x = self.patch_embed(pixel_values.to(device=w.device, dtype=w.dtype))  # (N, D)
+        x = x.view(-1, mu, cfg.hidden_size)[geo.window_index].view(-1, cfg.hidden_size)  # window order
         for i, blk in enumerate(self.blocks):
             plan = geo.full_plan if i in self.full_blocks else geo.window_plan
             x = blk(x, geo.cos, geo.sin, plan, backend)
