@@ -191,13 +191,16 @@ def main(argv=None):
         rows += compare("ours bf16 vs ref fp32", "bf16", o16, ref32, valid)
         rows += compare("ref bf16 vs ref fp32", "bf16", ref16, ref32, valid)
         rows += compare("ours bf16 vs ref bf16", "bf16", o16, ref16, valid)
-    meta = {**header(device), "config": cfg_name, "new_tokens": args.new_tokens,
+    command = "python bench/deviation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    meta = {**header(device), "command": command.strip(), "config": cfg_name, "new_tokens": args.new_tokens,
             "weights": "random (seeded)", "batch": "3 samples: text-only, one 392x392 image, 224x224 + 300x200; left-padded"}
     cols = [("stage", "stage"), ("pair", "compared"), ("max_abs", "max abs"), ("mean_abs", "mean abs"),
             ("mean_rel", "mean rel"), ("max_rel", "max abs / max |ref|"), ("token_agreement", "token agreement"),
             ("identical_sequences", "identical seqs"), ("note", "note")]
     md = (f"## Numerical deviation: {meta['device']}, {cfg_name}, {meta['date']}, commit {meta['commit']}\n\n"
-          f"Random weights; {meta['batch']}; greedy {args.new_tokens} new tokens.\n\n" + markdown_table(rows, cols))
+          f"Command: `{meta['command']}`\n\n"
+          f"Random weights; {meta['batch']}; greedy {args.new_tokens} new tokens. mean rel = mean |ours - ref| / "
+          f"mean |ref|; hidden states and logits over non-pad positions.\n\n" + markdown_table(rows, cols))
     print(md)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
