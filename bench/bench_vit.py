@@ -10,7 +10,6 @@ CUDA: the real 3B/7B vision tower (random weights, bf16).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -60,14 +59,10 @@ def vit_flops(cfg: VisionConfig, grids) -> float:
 
 def build(cfg: VisionConfig, device, dtype, hf_attn: str = "sdpa"):
     """The HF vision tower (random init) and ours with the same tensors."""
-    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-    full = ModelConfig(vision=cfg, text=dataclasses.replace(ModelConfig().text, hidden_size=cfg.out_hidden_size,
-                                                            num_attention_heads=max(1, cfg.out_hidden_size // 128),
-                                                            num_key_value_heads=1))
-    hf_cfg = Qwen2_5_VLConfig(**{**full.to_hf_dict(), "text_config": {**full.to_hf_dict()["text_config"],
-                                                                      "mrope_section": None}}).vision_config
+    hf_cfg = Qwen2_5_VLVisionConfig(**ModelConfig(vision=cfg).to_hf_dict()["vision_config"])
     hf_cfg._attn_implementation = hf_attn
     torch.manual_seed(0)
     with torch.device(device):
