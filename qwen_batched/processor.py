@@ -24,10 +24,7 @@ from .prompts import (IMAGE_TOKEN, ModelInputs, check_placeholders, expand_image
 from .resize import device_taps, resize_float
 from .tokenizer import ByteTokenizer, load_tokenizer
 
-try:  # installed layout: the kernels directory is the ``qwen_batched.kernels`` subpackage
-    from .kernels.patchify import HAS_TRITON, patchify_reference, resize_patchify
-except ImportError:  # source checkout: ``kernels`` next to the package
-    from kernels.patchify import HAS_TRITON, patchify_reference, resize_patchify
+from .fused import HAS_TRITON, patchify_reference, resize_patchify
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

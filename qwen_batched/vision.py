@@ -11,14 +11,8 @@ import torch.nn as nn
 from .attention import resolve_backend, varlen_attention
 from .config import VisionConfig
 from .geometry import GeometryCache, VisionGeometry
-from .layers import RMSNorm, SwiGLU, rotate_half
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (N, H, D); cos/sin: (N, D) fp32. Rotation in fp32, cast back like the reference."""
-    xf = x.float()
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+from .fused import rotary_qk
+from .layers import RMSNorm, SwiGLU
 
 
 class VisionAttention(nn.Module):
@@ -31,7 +25,7 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos, sin, plan, backend: str) -> torch.Tensor:
         N, D = x.shape
         qkv = self.qkv(x).view(N, 3, self.n_heads, self.head_dim)
-        qk = apply_rotary(qkv[:, :2].reshape(N, 2 * self.n_heads, self.head_dim), cos, sin)  # q and k at once
+        qk = rotary_qk(qkv, cos, sin)  # (N, 2H, hd): q and k rotated at once, in fp32
         q, k = qk.view(N, 2, self.n_heads, self.head_dim).unbind(1)  # each (N, H, hd)
         v = qkv[:, 2]
         if backend != "sdpa":  # the CUDA varlen kernels want dense (N, H, hd)

@@ -42,7 +42,7 @@ Modules
     ``model`` loading the model; ``progress`` the progress line.
 """
 from .answer import AnswerJob, merge_answers, read_answer_shards, run_answer
-from .batch_inputs import _slice_inputs
+from .batch_inputs import _slice_inputs  # noqa: F401 (used by tests)
 from .cli import build_parser, main
 from .dist import Dist, resolve_device
 from .estimate import TEMPLATE_TOKENS, TokenEstimator, image_size_from_header

@@ -1,0 +1,50 @@
+"""Fused Triton kernels on CUDA, with the torch reference everywhere else.
+
+RMSNorm and the vision rotary are memory-bound chains of small ops in eager torch (several float32 temporaries
+per call); on CUDA with triton each runs as one kernel with the reference's roundings. Under ``torch.compile``
+the torch reference is used (the compiler fuses it itself). A kernel that fails to build or launch switches
+the fused path off for the process, with a warning. ``QWEN_BATCHED_TRITON=0`` switches it off up front.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+try:  # installed layout: the kernels directory is the ``qwen_batched.kernels`` subpackage
+    from .kernels import rmsnorm, rotary
+    from .kernels.patchify import HAS_TRITON, patchify_reference, resize_patchify  # noqa: F401 (processor's)
+except ImportError:  # source checkout: ``kernels`` next to the package
+    from kernels import rmsnorm, rotary
+    from kernels.patchify import HAS_TRITON, patchify_reference, resize_patchify  # noqa: F401
+_state = {"on": os.environ.get("QWEN_BATCHED_TRITON", "1") != "0"}
+
+
+def _use_kernel(x: torch.Tensor) -> bool:
+    return HAS_TRITON and _state["on"] and x.is_cuda and not torch.compiler.is_compiling()
+
+
+def _give_up(name: str, err: Exception) -> None:
+    _state["on"] = False
+    warnings.warn(f"Triton {name} kernel failed ({type(err).__name__}: {err}); using the torch path from now on")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: normalise in fp32, cast to x's dtype, scale by the weight."""
+    if _use_kernel(x):
+        try:
+            return rmsnorm.rms_norm(x, weight, eps)
+        except Exception as e:  # build/launch failure on an unusual GPU or triton version
+            _give_up("rms_norm", e)
+    return rmsnorm.rms_norm_reference(x, weight, eps)
+
+
+def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """qkv (N, 3, H, hd), cos/sin (N, hd) fp32 -> rotated q and k, (N, 2H, hd), rotation in fp32."""
+    if _use_kernel(qkv):
+        try:
+            return rotary.rotary_qk(qkv, cos, sin)
+        except Exception as e:
+            _give_up("rotary", e)
+    return rotary.rotary_qk_reference(qkv, cos, sin)

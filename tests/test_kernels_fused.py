@@ -1,0 +1,102 @@
+"""Fused RMSNorm and vision-rotary Triton kernels == their torch references (CUDA, or TRITON_INTERPRET=1)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+from qwen_batched.kernels.rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
+from qwen_batched.kernels.rotary import rotary_qk, rotary_qk_reference  # noqa: E402
+from qwen_batched.geometry import rotary_tables  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 7, 80), (37, 1280), (3, 200)])
+def test_rms_norm_matches_reference(shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3).to(DEVICE, dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(DEVICE, dtype)
+    ours, ref = rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6)
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, ref, rtol=2e-6, atol=2e-6)
+    else:  # same two roundings as the reference: at most one last-bit step, in few elements
+        step = torch.finfo(dtype).eps * ref.float().abs().clamp_min(1e-3)
+        diff = (ours.float() - ref.float()).abs()
+        assert bool((diff <= step * 1.01).all()) and (diff > 0).float().mean().item() < 1e-3
+
+
+def test_rms_norm_strided_input_and_errors():
+    x = torch.randn(6, 64, device=DEVICE)[:, ::2]  # non-unit last stride
+    w = torch.ones(32, device=DEVICE)
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6), rtol=2e-6, atol=2e-6)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(x, torch.ones(7, device=DEVICE), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,hd", [(16, 80), (4, 16), (3, 24)])
+def test_rotary_matches_reference(heads, hd, dtype):
+    g = torch.Generator().manual_seed(1)
+    N = 24
+    qkv = torch.randn(N, 3 * heads * hd, generator=g).to(DEVICE, dtype).view(N, 3, heads, hd)
+    rows, cols = torch.randint(0, 40, (N,), generator=g), torch.randint(0, 40, (N,), generator=g)
+    cos, sin = (t.to(DEVICE) for t in rotary_tables(rows, cols, hd, 10000.0))
+    ours, ref = rotary_qk(qkv, cos, sin), rotary_qk_reference(qkv, cos, sin)
+    assert ours.shape == (N, 2 * heads, hd) and ours.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    else:  # fused multiply-adds may move a value across a bf16 rounding boundary
+        diff = (ours.float() - ref.float()).abs()
+        assert bool((diff <= 2 * torch.finfo(dtype).eps * ref.float().abs().clamp_min(1e-2)).all())
+
+
+def test_rotary_rejects_bad_shapes():
+    qkv = torch.randn(4, 3, 2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="expected qkv"):
+        rotary_qk(qkv, torch.ones(4, 6, device=DEVICE), torch.ones(4, 6, device=DEVICE))
+
+
+def test_model_with_fused_kernels_matches_torch_path(monkeypatch):
+    """Route the model's RMSNorm and vision rotary through the kernels (interpreted on CPU) end to end."""
+    import qwen_batched.fused as fused
+    from qwen_batched import QwenBatchedVL
+    from tests.helpers import rel_err
+
+    m = QwenBatchedVL.from_config("tiny", seed=0, device=DEVICE)
+    img = torch.randint(0, 256, (3, 112, 84), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    inputs = m.processor.prepare([[img.to(DEVICE)], []], ["what is this?", "hello"], device=DEVICE)
+    b = {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    ref = m.extract_features(**b, layers=[-1])
+    calls = []
+    orig_rms, orig_rot = fused.rmsnorm.rms_norm, fused.rotary.rotary_qk
+    monkeypatch.setattr(fused, "_use_kernel", lambda x: True)
+    monkeypatch.setattr(fused.rmsnorm, "rms_norm", lambda *a: calls.append("rms") or orig_rms(*a))
+    monkeypatch.setattr(fused.rotary, "rotary_qk", lambda *a: calls.append("rot") or orig_rot(*a))
+    out = m.extract_features(**b, layers=[-1])
+    assert "rms" in calls and "rot" in calls
+    valid = b["attention_mask"].bool()
+    assert rel_err(out.hidden_states[0][valid], ref.hidden_states[0][valid]) <= 1e-5
+    assert rel_err(out.vision_embeds, ref.vision_embeds) <= 1e-5
+
+
+def test_kernel_failure_falls_back_with_a_warning(monkeypatch):
+    import qwen_batched.fused as fused
+
+    def broken(*a):
+        raise RuntimeError("no kernel for this GPU")
+    monkeypatch.setattr(fused, "_use_kernel", lambda x: fused._state["on"])
+    monkeypatch.setitem(fused._state, "on", True)
+    monkeypatch.setattr(fused.rmsnorm, "rms_norm", broken)
+    x, w = torch.randn(4, 16, device=DEVICE), torch.ones(16, device=DEVICE)
+    with pytest.warns(UserWarning, match="Triton rms_norm kernel failed"):
+        y = fused.rms_norm(x, w, 1e-6)
+    torch.testing.assert_close(y, fused.rmsnorm.rms_norm_reference(x, w, 1e-6))
+    assert fused._state["on"] is False
