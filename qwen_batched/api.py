@@ -10,10 +10,12 @@ import torch.nn as nn
 from .attention import resolve_backend
 from .batching import RowSlicer, Rows, check_budget, plan_ranges, run_ranges
 from .config import ModelConfig, load_generation_eos
-from .generation import check_sampling, generate_tokens
+from .generation import generate_tokens
 from .outputs import FeatureOutput, GenerateOutput
 from .rope import rope_index
 from .text import TextModel, run_batch
+from .validation import (check_context, check_devices, check_dtype, check_generate_args, check_ids,
+                         check_images, resolve_eos, resolve_layers)
 from .vision import VisionTransformer
 
 
@@ -22,14 +24,6 @@ def _default_dtype(device: torch.device, cfg: ModelConfig) -> torch.dtype:
     if device.type == "cuda" and cfg.torch_dtype:
         return getattr(torch, str(cfg.torch_dtype).replace("torch.", ""), torch.bfloat16)
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def _check_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype.replace("torch.", ""), None), torch.dtype):
-        return getattr(torch, dtype.replace("torch.", ""))
-    raise TypeError(f"dtype must be a torch.dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
 
 
 class QwenBatchedVL(nn.Module):
@@ -66,7 +60,7 @@ class QwenBatchedVL(nn.Module):
         else:
             raise TypeError(f"config_or_name must be a ModelConfig or a preset name, got {type(config_or_name).__name__}")
         device = torch.device(device) if device is not None else torch.device("cpu")
-        dtype = _check_dtype(dtype) or _default_dtype(device, cfg)
+        dtype = check_dtype(dtype) or _default_dtype(device, cfg)
         model = cls._empty(cfg, device, dtype, attn_backend)
         gen = torch.Generator(device=device).manual_seed(int(seed))
         state = {}
@@ -98,7 +92,7 @@ class QwenBatchedVL(nn.Module):
             import dataclasses
             cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + eos)))
         device = torch.device(device) if device is not None else torch.device("cpu")
-        dtype = _check_dtype(dtype) or _default_dtype(device, cfg)
+        dtype = check_dtype(dtype) or _default_dtype(device, cfg)
         model = cls._empty(cfg, device, dtype, attn_backend)
         return model._take(load_state_dict(path, model, device=device, dtype=dtype), processor_path=path)
 
@@ -203,7 +197,7 @@ class QwenBatchedVL(nn.Module):
         max_batch_tokens: cap on rows x longest row per forward; a larger batch runs as sub-batches (results in
         the original order, identical to one pass). A sub-batch that runs out of device memory is halved and retried.
         """
-        layers = self._resolve_layers(layers)
+        layers = resolve_layers(layers, self.cfg.text.num_hidden_layers)
         if not isinstance(final_norm, bool):
             raise TypeError(f"final_norm must be a bool, got {type(final_norm).__name__}")
         budget = check_budget(max_batch_tokens)
@@ -241,18 +235,12 @@ class QwenBatchedVL(nn.Module):
         back to eager if compilation fails). max_batch_tokens caps rows x (longest prompt + max_new_tokens) per
         sub-batch, as in ``extract_features`` (with a seed, sampling depends on how the batch is split).
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        check_sampling(temperature, top_k, top_p)
-        eos_ids = self._resolve_eos(eos_token_id)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        if not isinstance(compile, bool):
-            raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+        check_generate_args(max_new_tokens, temperature, top_k, top_p, seed, compile)
+        eos_ids = resolve_eos(eos_token_id, self.cfg)
         budget = check_budget(max_batch_tokens)
         batch = self._validated_rows(input_ids, attention_mask, pixel_values, image_grid_thw, images, texts)
         slicer = RowSlicer(batch, self.cfg.image_token_id, self.cfg.vision.merge_unit)
-        self._check_context(max(slicer.lengths) + max_new_tokens, "prompt length + max_new_tokens")
+        check_context(max(slicer.lengths) + max_new_tokens, self.cfg, "prompt length + max_new_tokens")
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
 
         def run(s: int, e: int):
@@ -278,33 +266,6 @@ class QwenBatchedVL(nn.Module):
         """'flash' / 'torch_varlen' (packed prefill) on CUDA in half precision, else 'sdpa' (padded)."""
         return resolve_backend(self.attn_backend, self.device, self.dtype)
 
-    def _resolve_layers(self, layers) -> tuple[int, ...]:
-        n = self.cfg.text.num_hidden_layers
-        if layers is None:
-            return tuple(range(n + 1))
-        if isinstance(layers, int) and not isinstance(layers, bool):
-            layers = [layers]
-        if not isinstance(layers, (list, tuple, range)):
-            raise TypeError(f"layers must be None, an int or a sequence of ints, got {type(layers).__name__}")
-        if len(layers) == 0:
-            raise ValueError("layers must name at least one hidden state (or be None for all)")
-        for i in layers:
-            if isinstance(i, bool) or not isinstance(i, int):
-                raise TypeError(f"layers must hold ints, got {i!r}")
-            if not -(n + 1) <= i <= n:
-                raise ValueError(f"layers index {i} out of range: hidden states are 0..{n} (or -{n + 1}..-1)")
-        return tuple(i % (n + 1) for i in layers)
-
-    def _resolve_eos(self, eos_token_id) -> tuple[int, ...]:
-        if eos_token_id is None:
-            return tuple(self.cfg.eos_token_ids)
-        ids = [eos_token_id] if isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool) else eos_token_id
-        if not isinstance(ids, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
-            raise TypeError(f"eos_token_id must be None, an int or a list of ints, got {eos_token_id!r}")
-        if any(not 0 <= i < self.cfg.text.vocab_size for i in ids):
-            raise ValueError(f"eos_token_id {eos_token_id!r} outside the vocabulary (0..{self.cfg.text.vocab_size - 1})")
-        return tuple(ids)
-
     def _validated_rows(self, input_ids, attention_mask, pixel_values, image_grid_thw, images, texts) -> Rows:
         """Run the processor for images=/texts=, then validate the whole batch before any work."""
         if images is not None or texts is not None:
@@ -319,11 +280,11 @@ class QwenBatchedVL(nn.Module):
                                             device=self.device)
             input_ids, attention_mask = inputs.input_ids, inputs.attention_mask
             pixel_values, image_grid_thw = inputs.pixel_values, inputs.image_grid_thw
-        self._check_devices(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                            image_grid_thw=image_grid_thw)
-        ids, mask, n_image_tokens = self._check_ids(input_ids, attention_mask)
-        self._check_context(ids.shape[1], "input length")
-        grid = self._check_images(pixel_values, image_grid_thw, n_image_tokens)
+        check_devices(self.device, input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                      image_grid_thw=image_grid_thw)
+        ids, mask, n_image_tokens = check_ids(input_ids, attention_mask, self.cfg)
+        check_context(ids.shape[1], self.cfg, "input length")
+        grid = check_images(pixel_values, image_grid_thw, n_image_tokens, self.visual)
         dev = self.device
         return Rows(ids.to(dev), mask.to(dev), None if grid is None else pixel_values.to(dev),
                     None if grid is None else grid.to(dev))
@@ -345,75 +306,3 @@ class QwenBatchedVL(nn.Module):
     def _free_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    def _check_devices(self, **tensors) -> None:
-        devs = {k: v.device for k, v in tensors.items() if isinstance(v, torch.Tensor)}
-        if len(set(devs.values())) > 1:
-            raise ValueError(f"input tensors are on different devices: {', '.join(f'{k}={d}' for k, d in devs.items())}; "
-                             f"put them on one device (the model is on {self.device})")
-
-    def _check_context(self, length: int, what: str) -> None:
-        limit = self.cfg.text.max_position_embeddings
-        if length > limit:
-            raise ValueError(f"{what} {length} exceeds the model's context of {limit} tokens (max_position_embeddings)")
-
-    def _check_ids(self, input_ids, attention_mask):
-        if input_ids is None:
-            raise ValueError("input_ids is required (or texts=/images= with a processor)")
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        if input_ids.dim() != 2 or input_ids.numel() == 0:
-            raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        ids, mask = input_ids.long(), attention_mask.long()
-        vocab = self.cfg.text.vocab_size
-        stats = torch.stack([
-            ((ids < 0) | (ids >= vocab)).sum(), ((mask != 0) & (mask != 1)).sum(), (mask.sum(1) == 0).sum(),
-            (ids == self.cfg.video_token_id).sum(), (ids == self.cfg.image_token_id).sum()]).tolist()
-        bad_ids, bad_mask, empty_rows, n_video, n_image = stats
-        if bad_ids:
-            raise ValueError(f"input_ids holds {bad_ids} ids outside the vocabulary (0..{vocab - 1})")
-        if bad_mask:
-            raise ValueError("attention_mask must hold only 0 and 1")
-        if empty_rows:
-            raise ValueError(f"attention_mask has {empty_rows} rows without any real token")
-        if n_video:
-            raise ValueError(f"input_ids holds {n_video} video tokens; videos are not supported")
-        return ids, mask, n_image
-
-    def _check_images(self, pixel_values, image_grid_thw, n_image_tokens: int):
-        if (pixel_values is None) != (image_grid_thw is None):
-            raise ValueError("pixel_values and image_grid_thw must be given together")
-        if pixel_values is None:
-            if n_image_tokens:
-                raise ValueError(f"input_ids holds {n_image_tokens} image tokens but no pixel_values/image_grid_thw were given")
-            return None
-        if not isinstance(pixel_values, torch.Tensor) or not isinstance(image_grid_thw, torch.Tensor):
-            raise TypeError("pixel_values and image_grid_thw must be torch.Tensors")
-        if image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3 or image_grid_thw.dtype.is_floating_point:
-            raise ValueError(f"image_grid_thw must be an integer (n_images, 3) tensor, got {image_grid_thw.dtype} "
-                             f"{tuple(image_grid_thw.shape)}")
-        v = self.cfg.vision
-        if pixel_values.dim() != 2 or pixel_values.shape[1] != v.patch_dim:
-            raise ValueError(f"pixel_values must be (n_patches, {v.patch_dim}), got {tuple(pixel_values.shape)}")
-        grid = image_grid_thw.long()
-        m = v.spatial_merge_size
-        if bool((grid < 1).any()) or bool((grid[:, 1:] % m != 0).any()):
-            raise ValueError(f"image_grid_thw entries must be >= 1 with h, w divisible by {m}, got {grid.tolist()}")
-        n_patches = int(grid.prod(-1).sum())
-        if pixel_values.shape[0] != n_patches:
-            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patch rows but image_grid_thw gives {n_patches}")
-        if not bool(torch.isfinite(pixel_values.sum(dtype=torch.float32))):  # any NaN/inf makes the sum non-finite
-            raise ValueError("pixel_values holds NaN or inf values")
-        n_features = n_patches // (m * m)
-        if n_image_tokens != n_features:
-            raise ValueError(f"input_ids holds {n_image_tokens} image tokens but image_grid_thw gives "
-                             f"{n_features} image features (sum t*h*w/{m * m})")
-        return grid
