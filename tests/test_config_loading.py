@@ -175,3 +175,22 @@ def test_from_config_and_backend_errors():
         QwenBatchedVL.from_config("tiny", attn_backend="flash")
     with pytest.raises(TypeError, match="dtype"):
         QwenBatchedVL.from_config("tiny", dtype="float99")
+
+
+def test_published_flat_config_checkpoint_loads(tmp_path, hf_model):
+    """A checkpoint whose config.json is in the published flat format (text fields at top level,
+    rope_scaling {type: mrope}, vision in_chans) with a generation_config.json listing two EOS ids."""
+    hf_model.save_pretrained(tmp_path)
+    nested = json.loads((tmp_path / "config.json").read_text())
+    text, vision = nested.pop("text_config"), nested.pop("vision_config")
+    rope = text.pop("rope_parameters")
+    flat = {**nested, **{k: v for k, v in text.items() if k not in ("model_type", "layer_types")},
+            "rope_theta": rope["rope_theta"], "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]},
+            "vision_config": {**{k: v for k, v in vision.items() if k not in ("in_channels", "rope_parameters")},
+                              "in_chans": 3, "spatial_patch_size": 14}}
+    (tmp_path / "config.json").write_text(json.dumps(flat))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [258, 256], "pad_token_id": 256}))
+    ours = QwenBatchedVL.from_pretrained(tmp_path)
+    assert ours.cfg.text == QwenBatchedVL.from_hf(hf_model).cfg.text
+    assert set(ours.cfg.eos_token_ids) == {258, 256}
+    assert rel_err(_features(ours), _features(QwenBatchedVL.from_hf(hf_model))) == 0.0
