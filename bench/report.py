@@ -15,7 +15,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import fmt_mem, markdown_table  # noqa: E402
 
-TITLES = {"processor": "Processor (images -> model inputs)", "vit": "Vision tower", "decoder": "Decoder: features and generation"}
+TITLES = {"processor": "Processor (images -> model inputs)", "vit": "Vision tower",
+          "decoder": "Decoder: features and generation", "cache": "Per-image embedding cache (extract_features)"}
 
 
 def _readable(rows: list[dict]) -> list[dict]:

@@ -29,4 +29,5 @@ for c in $CONFIGS; do
   "$PY" bench/bench_vit.py --device "$DEVICE" --config "$VIT" --scaling --json "$TMP/vit-$c.json"
   "$PY" bench/bench_decoder.py --device "$DEVICE" --config "$DEC" "${MODEL_ARGS[@]}" --json "$TMP/decoder-$c.json"
 done
+"$PY" bench/bench_cache.py --device "$DEVICE" --json "$TMP/cache.json"
 "$PY" bench/report.py --inputs "$TMP" --out bench/results --device "$DEVICE" --command "$COMMAND"

@@ -1,10 +1,11 @@
 """Per-image vision-embedding cache, LRU by bytes.
 
 Keys hash each image's pixel rows together with its grid, the model's identity and dtype. On the CPU the hash is
-BLAKE2b over the bytes (exact). On an accelerator the rows are reduced on the device to a 256-bit float64
-random-projection fingerprint plus a byte count, so no pixels cross to the host: images that differ by as little
-as one uint8 step in one pixel get different keys (the projection has no exact cancellation in float64 for
-non-adversarial data); only the fingerprints travel, in one transfer per batch.
+SHA-1 over the bytes (the fastest of hashlib's here; keys, not signatures). On an accelerator the rows are hashed on the device with exact integer arithmetic
+(modulo 2**64, so the order of the reductions does not matter and an image gets the same key in any batch):
+two independent 64-bit hashes of the element bit patterns, each row weighted by a per-column and a per-position
+odd multiplier. Only the 16-byte fingerprints travel to the host, in one transfer per batch; a change of a single
+element always changes the key.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from collections import OrderedDict
 
 import torch
 
-_PROJ_DIM = 4
+_PROJ_DIM = 2  # independent 64-bit hashes per image
+_POS_MUL = torch.tensor([-7046029254386353131, 1442695040888963407], dtype=torch.int64)  # odd constants
+_POS_ADD = torch.tensor([-4658895280553007687, 6364136223846793005], dtype=torch.int64)
 
 
 class ImageEmbeddingCache:
@@ -26,7 +29,7 @@ class ImageEmbeddingCache:
         self.hits = 0
         self.misses = 0
         self._store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-        self._proj: dict[tuple, torch.Tensor] = {}  # (device, patch_dim) -> (patch_dim, P) projection
+        self._proj: dict[tuple, torch.Tensor] = {}  # (device, patch_dim) -> (patch_dim, 2) odd int64 multipliers
 
     def __len__(self) -> int:
         return len(self._store)
@@ -44,30 +47,33 @@ class ImageEmbeddingCache:
             rows = pixel_values.contiguous()
             out, start = [], 0
             for grid, n in zip(grids, sizes):
-                h = hashlib.blake2b(prefix + repr(grid).encode(), digest_size=32)
+                h = hashlib.sha1(prefix + repr(grid).encode(), usedforsecurity=False)  # a key, not a signature
                 h.update(rows[start:start + n].view(torch.uint8).numpy().tobytes())
                 out.append(h.digest())
                 start += n
             return out
-        fp = self._device_fingerprints(pixel_values, sizes).cpu()  # (n_images, _PROJ_DIM) float64, one transfer
+        fp = self._device_fingerprints(pixel_values, sizes).cpu()  # (n_images, 2) int64, one transfer
         return [prefix + repr(g).encode() + f.numpy().tobytes() for g, f in zip(grids, fp)]
 
-    def _device_fingerprints(self, pv: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    def _device_fingerprints(self, pv: torch.Tensor, sizes: list[int], chunk: int = 4096) -> torch.Tensor:
+        """(n_images, 2) int64 fingerprints of the row blocks of ``pv`` (N, patch_dim), computed on its device."""
         n, d = pv.shape
-        col = self._proj.get((pv.device, d))
-        if col is None:
+        bits = pv.contiguous().view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[pv.element_size()])
+        cols = self._proj.get((pv.device, d))
+        if cols is None:
             gen = torch.Generator(device="cpu").manual_seed(0x5EED)
-            col = torch.randn(d, _PROJ_DIM, generator=gen, dtype=torch.float64).to(pv.device)
-            self._proj[(pv.device, d)] = col
-        row_proj = pv.double() @ col  # (N, P)
-        # position weights so that permuted rows hash differently: row r of its image gets 1 + r * phi
-        img = torch.repeat_interleave(torch.arange(len(sizes), device=pv.device),
-                                      torch.tensor(sizes, device=pv.device))
-        starts = torch.tensor([0] + sizes[:-1], device=pv.device).cumsum(0)
-        local = torch.arange(n, device=pv.device) - starts[img]
-        w = 1.0 + local.double() * 0.6180339887498949
-        fp = torch.zeros(len(sizes), _PROJ_DIM, dtype=torch.float64, device=pv.device)
-        fp.index_add_(0, img, row_proj * w[:, None])
+            cols = (torch.randint(-2**62, 2**62, (d, _PROJ_DIM), generator=gen, dtype=torch.int64) | 1).to(pv.device)
+            self._proj[(pv.device, d)] = cols
+        dev = pv.device
+        img = torch.repeat_interleave(torch.arange(len(sizes), device=dev), torch.tensor(sizes, device=dev))  # (N,)
+        counts = torch.tensor(sizes, device=dev)
+        local = torch.arange(n, device=dev) - (counts.cumsum(0) - counts)[img]  # row index within its image
+        pos = (local[:, None] * _POS_MUL.to(dev) + _POS_ADD.to(dev)) | 1  # (N, P) odd per-position multipliers
+        fp = torch.zeros(len(sizes), _PROJ_DIM, dtype=torch.int64, device=dev)
+        for r in range(0, n, chunk):  # bounded int64 temporaries
+            x = bits[r:r + chunk].to(torch.int64)  # (c, d)
+            rows = torch.stack([(x * cols[:, j]).sum(1) for j in range(_PROJ_DIM)], dim=1)  # (c, P), exact mod 2**64
+            fp.index_add_(0, img[r:r + chunk], rows * pos[r:r + chunk])
         return fp
 
     # ------------------------------------------------------------------ LRU

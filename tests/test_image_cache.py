@@ -85,14 +85,20 @@ def test_eviction_respects_byte_budget(model):
     assert calls == [64]
 
 
-def test_device_fingerprint_separates_near_duplicates():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_fingerprint_separates_near_duplicates(dtype):
     cache = ImageEmbeddingCache(1 << 20, "m")
-    x = torch.rand(64, 1176)
+    x = torch.rand(64, 1176).to(dtype)
     y = x.clone()
     y[10, 5] += 1 / 255  # one uint8 step in one value
     z = x.flip(0)  # same rows, other order
-    fp = cache._device_fingerprints(torch.cat([x, y, z, x]), [64, 64, 64, 64])
+    fp = cache._device_fingerprints(torch.cat([x, y, z, x]), [64, 64, 64, 64], chunk=50)
+    assert fp.dtype == torch.int64 and fp.shape == (4, 2)
     assert not torch.equal(fp[0], fp[1]) and not torch.equal(fp[0], fp[2]) and torch.equal(fp[0], fp[3])
+    # exact integer arithmetic: the same image gets the same key alone, elsewhere in a batch, in other chunks
+    alone = cache._device_fingerprints(x, [64])
+    other = cache._device_fingerprints(torch.cat([torch.rand(30, 1176).to(dtype), x]), [30, 64], chunk=7)
+    assert torch.equal(alone[0], fp[0]) and torch.equal(other[1], fp[0])
 
 
 def test_bad_budget(model):
