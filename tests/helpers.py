@@ -37,6 +37,18 @@ def make_hf_model(cfg: ModelConfig | None = None, seed: int = 0, attn: str = "sd
     return model
 
 
+def saved_reference_pair(directory, device: str = "cpu"):
+    """Save ``make_hf_model()`` to ``directory`` and load it back in fp32 and bf16 on ``device``.
+
+    Loading with ``from_pretrained(dtype=...)`` keeps the rotary inverse frequencies in fp32, as users get them.
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    make_hf_model().save_pretrained(directory)
+    return tuple(Qwen2_5_VLForConditionalGeneration.from_pretrained(directory, dtype=dt).to(device).eval()
+                 for dt in (torch.float32, torch.bfloat16))
+
+
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max |ref|"""
     ours, ref = ours.double(), ref.double()

@@ -3,18 +3,13 @@ import pytest
 import torch
 
 from qwen_batched import QwenBatchedVL
-from tests.helpers import make_hf_model, rel_err
-from tests.helpers import build_batch
+from tests.helpers import build_batch, rel_err, saved_reference_pair
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     d = tmp_path_factory.mktemp("ckpt")
-    make_hf_model().save_pretrained(d)
-    hf32 = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
-    hf16 = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16).eval()
+    hf32, hf16 = saved_reference_pair(d)
     ours = QwenBatchedVL.from_pretrained(d, dtype=torch.bfloat16)
     return hf32, hf16, ours
 

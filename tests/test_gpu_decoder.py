@@ -5,19 +5,15 @@ import torch
 
 from qwen_batched import QwenBatchedVL
 from qwen_batched.attention import HAS_FLASH_ATTN, HAS_TORCH_VARLEN
-from tests.helpers import build_batch, make_hf_model, model_inputs, rel_err
+from tests.helpers import build_batch, model_inputs, rel_err, saved_reference_pair
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     d = tmp_path_factory.mktemp("ckpt")
-    make_hf_model().save_pretrained(d)
-    hf32 = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=torch.float32).cuda().eval()
-    hf16 = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16).cuda().eval()
+    hf32, hf16 = saved_reference_pair(d, "cuda")
     b = build_batch(QwenBatchedVL.from_pretrained(d).cfg)
     b = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
     return d, hf32, hf16, b

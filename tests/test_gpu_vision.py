@@ -8,7 +8,7 @@ import torch
 
 from qwen_batched import QwenBatchedVL
 from qwen_batched.attention import HAS_TORCH_VARLEN
-from tests.helpers import make_hf_model, rel_err
+from tests.helpers import rel_err, saved_reference_pair
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GRIDS = [(1, 28, 28), (1, 20, 14), (2, 8, 12), (1, 2, 2), (1, 32, 32)]
@@ -22,12 +22,8 @@ def _inputs():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     d = tmp_path_factory.mktemp("ckpt")
-    make_hf_model().save_pretrained(d)
-    hf32 = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=torch.float32).cuda().eval()
-    hf16 = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16).cuda().eval()
+    hf32, hf16 = saved_reference_pair(d, "cuda")
     ours = QwenBatchedVL.from_pretrained(d, device="cuda", dtype=torch.bfloat16)
     return hf32, hf16, ours, d
 
