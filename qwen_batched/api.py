@@ -1,4 +1,4 @@
-"""``QwenBatchedVL``: the public model object (loading, image encoding, features, generation)."""
+"""``QwenBatchedVL``: the public model object (loading, image and video encoding, features, generation)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +15,7 @@ from .outputs import FeatureOutput, GenerateOutput
 from .rope import rope_index
 from .text import TextModel, run_batch
 from .validation import (check_context, check_devices, check_dtype, check_generate_args, check_ids,
-                         check_images, resolve_eos, resolve_layers)
+                         check_images, check_videos, resolve_eos, resolve_layers)
 from .vision import VisionTransformer
 
 
@@ -184,13 +184,17 @@ class QwenBatchedVL(nn.Module):
     @torch.inference_mode()
     def extract_features(self, *, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                          pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                         images=None, texts=None, layers=None, final_norm: bool = True,
+                         pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
+                         second_per_grid_ts: torch.Tensor | None = None, images=None, texts=None, videos=None,
+                         fps: float | list[float] | None = None, layers=None, final_norm: bool = True,
                          max_batch_tokens: int | None = None) -> FeatureOutput:
         """Decoder hidden states of a batch, in the reference's ``output_hidden_states`` convention.
 
         input_ids / attention_mask: (B, L), any padding side. pixel_values (sum t*h*w, C*T*P*P) and
-        image_grid_thw (n_images, 3) for the image tokens, images in (batch, sequence) order. Or ``images=`` /
-        ``texts=``, run through ``model.processor``.
+        image_grid_thw (n_images, 3) for the image tokens, images in (batch, sequence) order; likewise
+        pixel_values_videos / video_grid_thw (n_videos, 3) for the video tokens, with second_per_grid_ts
+        (n_videos,) the seconds per temporal grid step (None: 1, as the reference). Or ``images=`` / ``texts=`` /
+        ``videos=`` (with ``fps=``, default 2.0), run through ``model.processor.prepare``.
         layers: indices to return (default all): 0 = embeddings, i = output of layer i, num_layers = after the
         final norm (before it when ``final_norm=False``); negative indices count from the end. Layers past the
         deepest requested one are not run.
@@ -201,8 +205,9 @@ class QwenBatchedVL(nn.Module):
         if not isinstance(final_norm, bool):
             raise TypeError(f"final_norm must be a bool, got {type(final_norm).__name__}")
         budget = check_budget(max_batch_tokens)
-        batch = self._validated_rows(input_ids, attention_mask, pixel_values, image_grid_thw, images, texts)
-        slicer = RowSlicer(batch, self.cfg.image_token_id, self.cfg.vision.merge_unit)
+        batch = self._validated_rows(input_ids, attention_mask, pixel_values, image_grid_thw, images, texts,
+                                     pixel_values_videos, video_grid_thw, second_per_grid_ts, videos, fps)
+        slicer = self._slicer(batch)
 
         def run(s: int, e: int):
             sub = slicer(s, e)
@@ -210,22 +215,26 @@ class QwenBatchedVL(nn.Module):
             _, states = run_batch(self.model, x.embeds, x.position_ids, x.valid, kernel=self._text_kernel(),
                                   depth=max(layers), keep=layers, final_norm=final_norm)
             states = [torch.nn.functional.pad(states[i], (0, 0, sub.left, sub.right)) for i in layers]
-            return states, x.vision_embeds
+            return states, x.vision_embeds, x.video_embeds
 
         parts = [r for _, r in run_ranges(plan_ranges(slicer.lengths, budget), run, self._free_memory)]
         hidden = tuple(torch.cat([p[0][j] for p in parts]) for j in range(len(layers)))
         vis = [p[1] for p in parts if p[1] is not None]
+        vid = [p[2] for p in parts if p[2] is not None]
         mask = batch.attention_mask.to(self.device)
-        return FeatureOutput(hidden_states=hidden, attention_mask=mask,
-                             image_mask=batch.input_ids.to(self.device) == self.cfg.image_token_id,
-                             vision_embeds=torch.cat(vis) if vis else None, layers=layers)
+        ids = batch.input_ids.to(self.device)
+        return FeatureOutput(hidden_states=hidden, attention_mask=mask, image_mask=ids == self.cfg.image_token_id,
+                             vision_embeds=torch.cat(vis) if vis else None, layers=layers,
+                             video_mask=ids == self.cfg.video_token_id, video_embeds=torch.cat(vid) if vid else None)
 
     @torch.inference_mode()
     def generate(self, *, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                 images=None, texts=None, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, eos_token_id: int | list[int] | None = None, seed: int | None = None,
-                 compile: bool = False, max_batch_tokens: int | None = None) -> GenerateOutput:
+                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
+                 second_per_grid_ts: torch.Tensor | None = None, images=None, texts=None, videos=None,
+                 fps: float | list[float] | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
+                 seed: int | None = None, compile: bool = False, max_batch_tokens: int | None = None) -> GenerateOutput:
         """Generate for a whole batch: one prefill, then fixed-shape decode steps over a static KV cache.
 
         Inputs as for ``extract_features``. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off;
@@ -238,8 +247,9 @@ class QwenBatchedVL(nn.Module):
         check_generate_args(max_new_tokens, temperature, top_k, top_p, seed, compile)
         eos_ids = resolve_eos(eos_token_id, self.cfg)
         budget = check_budget(max_batch_tokens)
-        batch = self._validated_rows(input_ids, attention_mask, pixel_values, image_grid_thw, images, texts)
-        slicer = RowSlicer(batch, self.cfg.image_token_id, self.cfg.vision.merge_unit)
+        batch = self._validated_rows(input_ids, attention_mask, pixel_values, image_grid_thw, images, texts,
+                                     pixel_values_videos, video_grid_thw, second_per_grid_ts, videos, fps)
+        slicer = self._slicer(batch)
         check_context(max(slicer.lengths) + max_new_tokens, self.cfg, "prompt length + max_new_tokens")
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
 
@@ -266,42 +276,87 @@ class QwenBatchedVL(nn.Module):
         """'flash' / 'torch_varlen' (packed prefill) on CUDA in half precision, else 'sdpa' (padded)."""
         return resolve_backend(self.attn_backend, self.device, self.dtype)
 
-    def _validated_rows(self, input_ids, attention_mask, pixel_values, image_grid_thw, images, texts) -> Rows:
-        """Run the processor for images=/texts=, then validate the whole batch before any work."""
-        if images is not None or texts is not None:
+    def _validated_rows(self, input_ids, attention_mask, pixel_values, image_grid_thw, images, texts,
+                        pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, videos=None,
+                        fps=None) -> Rows:
+        """Run the processor for images=/texts=/videos=, then validate the whole batch before any work."""
+        if images is not None or texts is not None or videos is not None:
             given = [k for k, v in (("input_ids", input_ids), ("attention_mask", attention_mask),
-                                    ("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw)) if v is not None]
+                                    ("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw),
+                                    ("pixel_values_videos", pixel_values_videos), ("video_grid_thw", video_grid_thw),
+                                    ("second_per_grid_ts", second_per_grid_ts)) if v is not None]
             if given:
-                raise ValueError(f"pass either images=/texts= or {'/'.join(given)}=, not both")
+                raise ValueError(f"pass either images=/texts=/videos= or {'/'.join(given)}=, not both")
             if self.processor is None:
-                raise ValueError("images=/texts= need model.processor, which is None for this model; tokenize "
-                                 "yourself and pass input_ids= (with pixel_values= and image_grid_thw= for images)")
-            inputs = self.processor.prepare(images, texts, chat_template=True, padding_side="left",
-                                            device=self.device)
+                raise ValueError("images=/texts=/videos= need model.processor, which is None for this model; tokenize "
+                                 "yourself and pass input_ids= (with pixel_values= and image_grid_thw= for images, "
+                                 "pixel_values_videos= and video_grid_thw= for videos)")
+            if fps is not None and videos is None:
+                raise ValueError("fps= applies to videos= only (frames per second of the given clips)")
+            inputs = self.processor.prepare(images, texts, videos=videos, fps=2.0 if fps is None else fps,
+                                            chat_template=True, padding_side="left", device=self.device)
             input_ids, attention_mask = inputs.input_ids, inputs.attention_mask
             pixel_values, image_grid_thw = inputs.pixel_values, inputs.image_grid_thw
+            pixel_values_videos, video_grid_thw = inputs.pixel_values_videos, inputs.video_grid_thw
+            second_per_grid_ts = inputs.second_per_grid_ts
+        elif fps is not None:
+            raise ValueError("fps= applies to videos= only; with pixel_values_videos= pass second_per_grid_ts= "
+                             "(temporal_patch_size / fps per video)")
         check_devices(self.device, input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                      image_grid_thw=image_grid_thw)
-        ids, mask, n_image_tokens = check_ids(input_ids, attention_mask, self.cfg)
+                      image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                      video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts)
+        ids, mask, n_image_tokens, n_video_tokens = check_ids(input_ids, attention_mask, self.cfg)
         check_context(ids.shape[1], self.cfg, "input length")
         grid = check_images(pixel_values, image_grid_thw, n_image_tokens, self.visual)
+        vgrid, seconds = check_videos(pixel_values_videos, video_grid_thw, second_per_grid_ts, n_video_tokens,
+                                      self.visual)
         dev = self.device
-        return Rows(ids.to(dev), mask.to(dev), None if grid is None else pixel_values.to(dev),
+        rows = Rows(ids.to(dev), mask.to(dev), None if grid is None else pixel_values.to(dev),
                     None if grid is None else grid.to(dev))
+        if vgrid is not None:
+            rows.pixel_values_videos, rows.video_grid_thw = pixel_values_videos.to(dev), vgrid.to(dev)
+            rows.second_per_grid_ts = None if seconds is None else seconds.to(dev)
+        return rows
+
+    def _slicer(self, batch: Rows) -> RowSlicer:
+        return RowSlicer(batch, self.cfg.image_token_id, self.cfg.vision.merge_unit,
+                         video_token_id=self.cfg.video_token_id)
+
+    def _encode_vision(self, rows: Rows) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Merged features of the images and of the videos of ``rows`` (each (n_tokens, D) or None). Images and
+        videos go through the vision tower in one call (with the image cache on, images go through the cache)."""
+        grid, vgrid = rows.image_grid_thw, rows.video_grid_thw
+        if vgrid is None:
+            return (None if grid is None else self.encode_images(rows.pixel_values, grid)), None
+        if grid is not None and self.image_cache is not None:
+            return (self.encode_images(rows.pixel_values, grid),
+                    self.visual(rows.pixel_values_videos, vgrid, backend=self.attn_backend))
+        if grid is None:
+            return None, self.visual(rows.pixel_values_videos, vgrid, backend=self.attn_backend)
+        pv = torch.cat([rows.pixel_values, rows.pixel_values_videos.to(rows.pixel_values.dtype)])
+        both = self.visual(pv, torch.cat([grid, vgrid]), backend=self.attn_backend)
+        n_img = rows.pixel_values.shape[0] // self.cfg.vision.merge_unit
+        return both[:n_img], both[n_img:]
 
     def _embed(self, rows: Rows) -> SimpleNamespace:
-        """Token embeddings with the encoded images scattered in, and 3-D positions."""
+        """Token embeddings with the encoded images and videos scattered in, and 3-D positions."""
         ids, mask, grid = rows.input_ids, rows.attention_mask, rows.image_grid_thw
         embeds = self.model.embed_tokens(ids)  # (B, L, D)
         image_mask = ids == self.cfg.image_token_id
-        vision = None
-        if grid is not None:
-            vision = self.encode_images(rows.pixel_values, grid).to(embeds.dtype)  # (n_image_tokens, D)
+        vision, video = self._encode_vision(rows)
+        if vision is not None:
+            vision = vision.to(embeds.dtype)  # (n_image_tokens, D)
             embeds = embeds.masked_scatter(image_mask[..., None], vision)
+        if video is not None:
+            video = video.to(embeds.dtype)  # (n_video_tokens, D)
+            embeds = embeds.masked_scatter((ids == self.cfg.video_token_id)[..., None], video)
         position_ids, _ = rope_index(ids, mask, grid, image_token_id=self.cfg.image_token_id,
-                                     spatial_merge_size=self.cfg.vision.spatial_merge_size)
+                                     spatial_merge_size=self.cfg.vision.spatial_merge_size,
+                                     video_grid_thw=rows.video_grid_thw, video_token_id=self.cfg.video_token_id,
+                                     second_per_grid_ts=rows.second_per_grid_ts,
+                                     tokens_per_second=self.cfg.vision.tokens_per_second)
         return SimpleNamespace(embeds=embeds, position_ids=position_ids, valid=mask.bool(), attention_mask=mask,
-                               image_mask=image_mask, vision_embeds=vision)
+                               image_mask=image_mask, vision_embeds=vision, video_embeds=video)
 
     def _free_memory(self) -> None:
         if self.device.type == "cuda":

@@ -15,12 +15,16 @@ class FeatureOutput:
     image_mask: (B, L) bool, True where an image token sits.
     vision_embeds: (n_image_tokens, D) merged vision features scattered into the sequence, or None.
     layers: the requested indices, non-negative (0 = embeddings, i = output of layer i).
+    video_mask: (B, L) bool, True where a video token sits.
+    video_embeds: (n_video_tokens, D) merged video features scattered into the sequence, or None.
     """
     hidden_states: tuple[torch.Tensor, ...]
     attention_mask: torch.Tensor
     image_mask: torch.Tensor
     vision_embeds: torch.Tensor | None
     layers: tuple[int, ...]
+    video_mask: torch.Tensor | None = None
+    video_embeds: torch.Tensor | None = None
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""``BatchedImageProcessor``: images and prompts in, Qwen2.5-VL model inputs out, on the images' device.
+"""``BatchedImageProcessor``: images, videos and prompts in, Qwen2.5-VL model inputs out, on the images' device.
 
 Images follow the reference (``transformers``' Qwen2-VL image processor, torchvision flavour): ``smart_resize``
 to multiples of 28 within [min_pixels, max_pixels], bicubic antialiased resize of the uint8 image (float
@@ -7,6 +7,14 @@ interpolate, round back to uint8 values), then ``(x - 255*mean) / (255*std)`` an
 
 Value ranges: uint8 images are 0..255, floating images 0..1; ``rescale=`` overrides (True: the values are
 0..255 whatever the dtype, False: use them as they are).
+
+Videos (clips of already sampled frames) go through the same resize and normalization as images; a clip of T frames
+gives ``grid_t = ceil(T / temporal_patch_size)`` (an odd clip repeats its last frame), like the reference
+``Qwen2VLVideoProcessor``. Frames are used as given (no frame sampling). Videos use this processor's
+``min_pixels`` / ``max_pixels`` (the checkpoint's ``preprocessor_config.json``); note that the reference has a
+separate video processor whose class defaults differ (``size`` shortest_edge 128*28*28, longest_edge 768*28*28,
+plus an optional per-frame cap, ``cap_pixels_per_frame``): pass ``min_pixels=`` / ``max_pixels=`` to match a
+setup that uses them.
 """
 from __future__ import annotations
 
@@ -19,8 +27,8 @@ import numpy as np
 import torch
 
 from .config import TINY_VOCAB, ModelConfig, default_chat_template, default_preprocessor_config
-from .prompts import (IMAGE_TOKEN, ModelInputs, check_placeholders, expand_image_tokens, pad_batch, render_builtin,
-                      render_jinja, render_raw)
+from .prompts import (IMAGE_TOKEN, VIDEO_TOKEN, ModelInputs, check_placeholders, expand_image_tokens, pad_batch,
+                      render_builtin, render_jinja, render_raw)
 from .resize import device_taps, resize_float
 from .tokenizer import ByteTokenizer, load_tokenizer
 
@@ -130,6 +138,13 @@ def _sample_items(entry: Any, where: str, video: bool, channels: int) -> list[to
     return [t.unsqueeze(0)]
 
 
+def _clip(x: Any, where: str, channels: int) -> torch.Tensor:
+    """One checked clip (T, C, H, W): a tensor, a (T, H, W, C) array or a list of frames."""
+    if isinstance(x, (list, tuple)) and not x:
+        raise ValueError(f"{where}: empty clip (a clip needs at least one frame)")
+    return _sample_items(x, where, True, channels)[0]
+
+
 def _check_finite(x: torch.Tensor, where: str) -> None:
     if x.is_floating_point() and not bool(torch.isfinite(x.sum(dtype=torch.float32))):  # one reduction
         raise ValueError(f"{where}: floating-point images must be finite, found NaN or inf")
@@ -208,7 +223,8 @@ class BatchedImageProcessor:
     def _check_tokenizer_ids(self) -> None:
         if self.tokenizer is None:
             return
-        for token, want in ((IMAGE_TOKEN, self.image_token_id), ("<|vision_start|>", self.vision_start_token_id),
+        for token, want in ((IMAGE_TOKEN, self.image_token_id), (VIDEO_TOKEN, self.video_token_id),
+                            ("<|vision_start|>", self.vision_start_token_id),
                             ("<|vision_end|>", self.vision_end_token_id)):
             got = self.tokenizer.token_to_id(token)
             if got is not None and got != want:
@@ -280,13 +296,45 @@ class BatchedImageProcessor:
             groups = self._group(items)
         else:
             raise TypeError(f"images must be a tensor or a list (one entry per sample), got {type(images).__name__}")
+        return self._sized(groups, min_pixels, max_pixels, device, "images"), counts
+
+    def _sized(self, groups: list[_Group], min_pixels: int, max_pixels: int, device, what: str) -> list[_Group]:
+        """Resize targets, finiteness check and the move to ``device`` of checked groups."""
         groups = [g._replace(size=smart_resize(*g.frames.shape[-2:], self.factor, min_pixels, max_pixels))
                   for g in groups]
         for g in groups:
-            _check_finite(g.frames, "images")
+            _check_finite(g.frames, what)
         if device is not None:
             groups = [g._replace(frames=g.frames.to(device)) for g in groups]
-        return groups, counts
+        return groups
+
+    def _collect_videos(self, videos, n_samples: int, min_pixels: int | None, max_pixels: int | None, device):
+        """``prepare``'s videos (one entry per sample: None / [], a clip, or a list of clips) -> checked groups of
+        clips (sample-major) and videos per sample."""
+        min_pixels, max_pixels = self._check_pixels(self.min_pixels if min_pixels is None else min_pixels,
+                                                    self.max_pixels if max_pixels is None else max_pixels)
+        if isinstance(videos, torch.Tensor):
+            if videos.dim() != 5:
+                raise ValueError("videos as a tensor must be (B, T, C, H, W) (one clip per sample), got shape "
+                                 f"{tuple(videos.shape)}; or pass a list with one entry per sample")
+            videos = list(videos.unbind(0))
+        if not isinstance(videos, (list, tuple)):
+            raise TypeError("videos must be None, a (B, T, C, H, W) tensor or a list with one entry per sample (None, "
+                            f"a (T, C, H, W) clip or a list of clips), got {type(videos).__name__}")
+        if len(videos) != n_samples:
+            raise ValueError(f"texts has {n_samples} prompts but videos has {len(videos)} samples; give one videos "
+                             "entry per prompt (None or [] for a prompt without video)")
+        per_sample = []
+        for i, entry in enumerate(videos):
+            clips = entry if isinstance(entry, (list, tuple)) else ([] if entry is None else [entry])
+            per_sample.append([_clip(c, f"videos[{i}]" if c is entry else f"videos[{i}][{j}]", self.in_channels)
+                               for j, c in enumerate(clips)])
+        counts = [len(s) for s in per_sample]
+        items = [x for s in per_sample for x in s]
+        devices = {x.device for x in items}
+        if len(devices) > 1:
+            raise ValueError(f"videos are on several devices {sorted(map(str, devices))}; put them on one")
+        return self._sized(self._group(items), min_pixels, max_pixels, device, "videos"), counts
 
     def _batch_tensor(self, x: torch.Tensor, video: bool) -> tuple[torch.Tensor, list[int]]:
         """A checked batch tensor as frames (n, F, C, H, W) and images per sample."""
@@ -358,16 +406,23 @@ class BatchedImageProcessor:
         return out
 
     # ------------------------------------------------------------------ prompts
-    def prepare(self, images, texts, *, chat_template: bool = True, padding_side: str = "left",
-                system_prompt: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
-                rescale: bool | None = None, device=None) -> ModelInputs:
-        """Images and prompts -> ``ModelInputs`` (left padding by default).
+    def prepare(self, images, texts, *, videos=None, fps: float | Sequence[float] = 2.0, chat_template: bool = True,
+                padding_side: str = "left", system_prompt: str | None = None, min_pixels: int | None = None,
+                max_pixels: int | None = None, rescale: bool | None = None, device=None) -> ModelInputs:
+        """Images, videos and prompts -> ``ModelInputs`` (left padding by default).
 
         ``texts``: a str (batch of one) or a list with one prompt per sample; ``images``: as in
-        ``preprocess_images`` (one entry per sample, None / [] for text-only samples) or None for a text-only
-        batch. With ``chat_template`` the Qwen2.5-VL chat turn is built (system prompt, the sample's image
-        blocks then its text, assistant prefix); otherwise the image blocks are put before the raw text.
-        ``system_prompt=None`` keeps the template's default ("You are a helpful assistant.").
+        ``preprocess_images`` (one entry per sample, None / [] for text-only samples) or None for a batch without
+        images. ``videos``: None, or one entry per sample: None / [] (no video), a clip, or a list of clips; a clip
+        is a (T, 3, H, W) tensor, a (T, H, W, 3) numpy array or a list of frames (frames already sampled, used as
+        given); a (B, T, 3, H, W) tensor is one clip per sample. ``fps``: frame rate of the given frames, one value
+        for all videos or one per video (sample-major); ``second_per_grid_ts = temporal_patch_size / fps`` as the
+        reference processor computes it (the reference assumes 24 fps when a clip comes without metadata).
+        With ``chat_template`` the Qwen2.5-VL chat turn is built (system prompt, then in the user turn the
+        sample's image blocks, its video blocks (``<|vision_start|><|video_pad|>*n<|vision_end|>``, n = t*h*w/4),
+        then its text, then the assistant prefix); otherwise the vision blocks are put before the raw text in that
+        order. ``system_prompt=None`` keeps the template's default ("You are a helpful assistant.").
+        ``min_pixels`` / ``max_pixels`` override the processor's for images and videos alike.
         """
         texts = _check_texts(texts)
         if self.tokenizer is None:
@@ -378,25 +433,60 @@ class BatchedImageProcessor:
         if len(counts) != len(texts):
             raise ValueError(f"texts has {len(texts)} prompts but images has {len(counts)} samples; "
                              "give one images entry per prompt (None or [] for a text-only prompt)")
-        prompts = [self._render(text, n, chat_template, system_prompt) for text, n in zip(texts, counts)]
-        for i, (prompt, n) in enumerate(zip(prompts, counts)):
-            check_placeholders(prompt, n, i)
+        vgroups, vcounts = ([], [0] * len(texts)) if videos is None else \
+            self._collect_videos(videos, len(texts), min_pixels, max_pixels, device)
+        seconds = self._seconds_per_grid(fps, sum(vcounts))
+        devs = {g.frames.device for g in groups + vgroups}
+        if len(devs) > 1:
+            raise ValueError(f"images and videos are on different devices {sorted(map(str, devs))}; put them on one")
+        out_dev = torch.device(device) if device is not None else (devs.pop() if devs else torch.device("cpu"))
+        prompts = [self._render(text, n, chat_template, system_prompt, m) for text, n, m in zip(texts, counts, vcounts)]
+        for i, (prompt, n, m) in enumerate(zip(prompts, counts, vcounts)):
+            check_placeholders(prompt, n, i, m)
         processed, grids = self._run(groups, counts, rescale, device)  # all checks done: now the work
         per_image = [math.prod(g) // self.merge_size ** 2 for g in grids]
         starts = np.cumsum([0] + counts).tolist()
         prompts = [expand_image_tokens(p, per_image[a:b]) for p, a, b in zip(prompts, starts, starts[1:])]
+        video = None
+        if vgroups:
+            video, vgrids = self._run(vgroups, vcounts, rescale, device)
+            per_video = [math.prod(g) // self.merge_size ** 2 for g in vgrids]
+            vstarts = np.cumsum([0] + vcounts).tolist()
+            prompts = [expand_image_tokens(p, per_video[a:b], VIDEO_TOKEN)
+                       for p, a, b in zip(prompts, vstarts, vstarts[1:])]
         ids, mask, mm = pad_batch(self.tokenizer.encode_batch(prompts), self.pad_token_id, self.image_token_id,
-                                  padding_side, device if device is not None else processed.pixel_values.device)
-        if not grids:
-            return ModelInputs(ids, mask, mm, None, None, tuple(counts))
-        return ModelInputs(ids, mask, mm, processed.pixel_values, processed.image_grid_thw, tuple(counts))
+                                  padding_side, out_dev, video_token_id=self.video_token_id)
+        out = ModelInputs(ids, mask, mm, images_per_sample=tuple(counts), videos_per_sample=tuple(vcounts))
+        if grids:
+            out.pixel_values, out.image_grid_thw = processed.pixel_values, processed.image_grid_thw
+        if video is not None:
+            out.pixel_values_videos, out.video_grid_thw = video.pixel_values, video.image_grid_thw
+            out.second_per_grid_ts = seconds.to(out_dev)
+        return out
 
-    def _render(self, text: str, n_images: int, chat_template: bool, system_prompt: str | None) -> str:
+    def _seconds_per_grid(self, fps, n_videos: int) -> torch.Tensor:
+        """``temporal_patch_size / fps`` per video as float32 (n_videos,); ``fps`` one number or one per video."""
+        if isinstance(fps, (torch.Tensor, np.ndarray)) and fps.ndim == 0:
+            fps = fps.item()
+        many = isinstance(fps, (list, tuple)) or (isinstance(fps, (torch.Tensor, np.ndarray)) and fps.ndim > 0)
+        values = list(fps.tolist() if hasattr(fps, "tolist") else fps) if many else [fps] * n_videos
+        if many and len(values) != n_videos:
+            raise ValueError(f"fps has {len(values)} values but there are {n_videos} videos; give one number for all "
+                             "videos or one per video")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"fps must be a positive finite number (frames per second of the given frames) or "
+                                 f"a list of them, got {fps!r}")
+        return torch.tensor([self.temporal_patch_size / float(v) for v in values], dtype=torch.float32)
+
+    def _render(self, text: str, n_images: int, chat_template: bool, system_prompt: str | None,
+                n_videos: int = 0) -> str:
         if not chat_template:
-            return render_raw(text, n_images)
+            return render_raw(text, n_images, n_videos)
         if self.chat_template is None:
-            return render_builtin(text, n_images, system_prompt)
-        return render_jinja(self.chat_template, text, n_images, system_prompt)
+            return render_builtin(text, n_images, system_prompt, n_videos)
+        return render_jinja(self.chat_template, text, n_images, system_prompt, n_videos)
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True) -> list[str]:
         """Token id rows (tensor or lists) -> strings, with this processor's tokenizer."""
@@ -435,7 +525,7 @@ def _tokenizer_ids(tokenizer) -> dict[str, int]:
     """Special token ids from a tokenizer's vocabulary (a checkpoint without config.json)."""
     if tokenizer is None:
         return {}
-    names = {"image_token_id": IMAGE_TOKEN, "video_token_id": "<|video_pad|>", "pad_token_id": "<|endoftext|>",
+    names = {"image_token_id": IMAGE_TOKEN, "video_token_id": VIDEO_TOKEN, "pad_token_id": "<|endoftext|>",
              "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
     found = {name: tokenizer.token_to_id(token) for name, token in names.items()}
     return {name: i for name, i in found.items() if i is not None}

@@ -76,8 +76,9 @@ def check_context(length: int, cfg: ModelConfig, what: str) -> None:
         raise ValueError(f"{what} {length} exceeds the model's context of {limit} tokens (max_position_embeddings)")
 
 
-def check_ids(input_ids, attention_mask, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """-> (ids long (B, L), mask long (B, L), number of image tokens). One host sync for all value checks."""
+def check_ids(input_ids, attention_mask, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """-> (ids long (B, L), mask long (B, L), number of image tokens, number of video tokens). One host sync for
+    all value checks."""
     if input_ids is None:
         raise ValueError("input_ids is required (or texts=/images= with a processor)")
     if not isinstance(input_ids, torch.Tensor):
@@ -104,26 +105,56 @@ def check_ids(input_ids, attention_mask, cfg: ModelConfig) -> tuple[torch.Tensor
         raise ValueError("attention_mask must hold only 0 and 1")
     if empty_rows:
         raise ValueError(f"attention_mask has {empty_rows} rows without any real token")
-    if n_video:
-        raise ValueError(f"input_ids holds {n_video} video tokens; videos are not supported")
-    return ids, mask, n_image
+    return ids, mask, n_image, n_video
 
 
-def check_images(pixel_values, image_grid_thw, n_image_tokens: int, visual) -> torch.Tensor | None:
-    """Pixels and grids agree with each other and with the image tokens; -> grid (n, 3) long or None."""
+def check_images(pixel_values, image_grid_thw, n_image_tokens: int, visual, *, kind: str = "image",
+                 pixels_name: str = "pixel_values", grid_name: str = "image_grid_thw") -> torch.Tensor | None:
+    """Pixels and grids agree with each other and with the image tokens; -> grid (n, 3) long or None.
+    ``kind`` / ``pixels_name`` / ``grid_name`` name the video inputs when checking those."""
     if (pixel_values is None) != (image_grid_thw is None):
-        raise ValueError("pixel_values and image_grid_thw must be given together")
+        raise ValueError(f"{pixels_name} and {grid_name} must be given together")
     if pixel_values is None:
         if n_image_tokens:
-            raise ValueError(f"input_ids holds {n_image_tokens} image tokens but no pixel_values/image_grid_thw were given")
+            raise ValueError(f"input_ids holds {n_image_tokens} {kind} tokens but no {pixels_name}/{grid_name} "
+                             "were given")
         return None
-    visual.check_pixels(pixel_values)
-    grids = visual.validate_grids(image_grid_thw, pixel_values.shape[0])
+    visual.check_pixels(pixel_values, pixels_name)
+    grids = visual.validate_grids(image_grid_thw, pixel_values.shape[0], name=grid_name, pixels=pixels_name)
     if not bool(torch.isfinite(pixel_values.sum(dtype=torch.float32))):  # any NaN/inf makes the sum non-finite
-        raise ValueError("pixel_values holds NaN or inf values")
+        raise ValueError(f"{pixels_name} holds NaN or inf values")
     mu = visual.cfg.merge_unit
     n_features = sum(t * h * w for t, h, w in grids) // mu
     if n_image_tokens != n_features:
-        raise ValueError(f"input_ids holds {n_image_tokens} image tokens but image_grid_thw gives "
-                         f"{n_features} image features (sum t*h*w/{mu})")
+        raise ValueError(f"input_ids holds {n_image_tokens} {kind} tokens but {grid_name} gives "
+                         f"{n_features} {kind} features (sum t*h*w/{mu})")
     return image_grid_thw.long()
+
+
+def check_videos(pixel_values_videos, video_grid_thw, second_per_grid_ts, n_video_tokens: int,
+                 visual) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Video pixels, grids and ``second_per_grid_ts`` agree with each other and with the video tokens;
+    -> (grid (n, 3) long, seconds (n,) float32 or None) or (None, None) without videos."""
+    grid = check_images(pixel_values_videos, video_grid_thw, n_video_tokens, visual, kind="video",
+                        pixels_name="pixel_values_videos", grid_name="video_grid_thw")
+    if second_per_grid_ts is None:
+        return grid, None  # the reference then spaces temporal positions by tokens_per_second * 1
+    if grid is None:
+        raise ValueError("second_per_grid_ts was given without videos (pixel_values_videos/video_grid_thw)")
+    spg = second_per_grid_ts
+    if isinstance(spg, (list, tuple)):
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in spg):
+            raise TypeError(f"second_per_grid_ts must hold numbers, got {spg!r:.80}")
+        spg = torch.tensor(spg, dtype=torch.float32)
+    if not isinstance(spg, torch.Tensor):
+        raise TypeError(f"second_per_grid_ts must be a tensor or a list of numbers (one per video), got "
+                        f"{type(spg).__name__}")
+    if spg.dtype == torch.bool or spg.is_complex():
+        raise TypeError(f"second_per_grid_ts must be a real tensor, got {spg.dtype}")
+    if spg.dim() != 1 or spg.shape[0] != grid.shape[0]:
+        raise ValueError(f"second_per_grid_ts must have shape (n_videos,) = ({grid.shape[0]},), got "
+                         f"{tuple(spg.shape)}")
+    if not bool(torch.isfinite(spg.float()).all() & (spg >= 0).all()):
+        raise ValueError(f"second_per_grid_ts must be finite and >= 0 (seconds per temporal grid step), got "
+                         f"{spg.tolist()}")
+    return grid, spg
