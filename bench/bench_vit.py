@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (bf16_peak_tflops, fmt_mem, header, markdown_table, peak_memory, time_fn,  # noqa: E402
+from bench.common import (bf16_peak_tflops, fmt_mem, header, markdown_table, peak_memory, time_fns,  # noqa: E402
                           write_json)
 from qwen_batched.config import ModelConfig, VisionConfig  # noqa: E402
 from qwen_batched.vision import VisionTransformer  # noqa: E402
@@ -103,14 +103,17 @@ def run_case(name, grids, hf, ours, cfg, device, dtype, reps, per_image=True) ->
                 hf(pv[offsets[i]:offsets[i + 1]], grid_thw=g[i:i + 1])
 
     row = {"case": name, "images": len(grids), "rel_err": err}
-    t_ours = time_fn(f_ours, device, reps=reps)
-    t_batch = time_fn(f_hf_batch, device, reps=reps)
+    fns = {"ours": f_ours, "batch": f_hf_batch}
+    if per_image:
+        fns["each"] = f_hf_each
+    t = time_fns(fns, device, warmup=1, reps=reps)
+    t_ours, t_batch = t["ours"], t["batch"]
     row.update(ours_ms=t_ours["median_s"] * 1e3, ours_spread=f"{t_ours['min_s']*1e3:.3g}-{t_ours['max_s']*1e3:.3g}",
                hf_batch_ms=t_batch["median_s"] * 1e3,
                ms_per_image=t_ours["median_s"] * 1e3 / len(grids),
                speedup_vs_hf_batch=t_batch["median_s"] / t_ours["median_s"])
     if per_image:
-        t_each = time_fn(f_hf_each, device, warmup=1, reps=max(3, reps // 2))
+        t_each = t["each"]
         row.update(hf_per_image_ms=t_each["median_s"] * 1e3, speedup_vs_hf_per_image=t_each["median_s"] / t_ours["median_s"])
     flops = vit_flops(cfg, grids)
     row["tflops"] = flops / t_ours["median_s"] / 1e12
@@ -161,8 +164,8 @@ def _ips(hf, ours, grids, cfg, device, dtype, reps) -> dict:
     def f_hf():
         with torch.inference_mode():
             hf(pv, grid_thw=g)
-    a = time_fn(f_ours, device, warmup=1, reps=reps)["median_s"]
-    b = time_fn(f_hf, device, warmup=1, reps=reps)["median_s"]
+    t = time_fns({"ours": f_ours, "hf": f_hf}, device, warmup=1, reps=reps)
+    a, b = t["ours"]["median_s"], t["hf"]["median_s"]
     return {"ours_img_s": len(grids) / a, "hf_batch_img_s": len(grids) / b, "speedup": b / a}
 
 
@@ -184,7 +187,7 @@ def main(argv=None):
     rows = [run_case(name, grids, hf, ours, cfg, device, dtype, args.reps, per_image=not args.no_per_image)
             for name, grids in cases(device.type, cfg).items()]
     meta = {**header(device), "config": cfg_name, "dtype": str(dtype).replace("torch.", ""), "reps": args.reps,
-            "timing": "median wall time after warm-up, CUDA-synchronised"}
+            "timing": "median wall time after warm-up, implementations interleaved, CUDA-synchronised"}
     print(f"## Vision tower: {meta['device']}, {cfg_name}, {meta['dtype']}, {meta['date']}, commit {meta['commit']}")
     print(markdown_table(rows, [("case", "case"), ("ours_ms", "ours ms"), ("ours_spread", "spread"),
                                 ("hf_batch_ms", "HF batched ms"), ("hf_per_image_ms", "HF per image ms"),

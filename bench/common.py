@@ -36,6 +36,26 @@ def time_fn(fn: Callable[[], object], device, warmup: int = 2, reps: int = 5) ->
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "reps": reps}
 
 
+def time_fns(fns: dict[str, Callable[[], object]], device, warmup: int = 2, reps: int = 5) -> dict[str, dict]:
+    """``time_fn`` for several implementations, interleaved (a, b, c, b, c, a, ...) so that drifts in machine
+    load hit all of them alike. Returns {name: stats}."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    sync(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {n: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "reps": reps}
+            for n, t in times.items()}
+
+
 def _rss_reset() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
