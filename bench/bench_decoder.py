@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import fmt_mem, header, markdown_table, peak_memory, time_fn, write_json  # noqa: E402
+from bench.common import fmt_mem, header, markdown_table, peak_memory, time_fns, write_json  # noqa: E402
 from qwen_batched import QwenBatchedVL  # noqa: E402
 from qwen_batched.config import ModelConfig  # noqa: E402
 
@@ -146,8 +146,9 @@ def bench_generation(hf, ours, args, device, dtype):
 
 def _rows(name, batch, impls, args, device, extra, new_tokens=None):
     rows = []
+    times = time_fns(dict(impls), device, warmup=args.warmup, reps=args.runs)  # interleaved
     for impl, fn in impls:
-        t = time_fn(fn, device, warmup=args.warmup, reps=args.runs)
+        t = times[impl]
         row = {"bench": name, "impl": impl, "median_s": t["median_s"], "min_s": t["min_s"], "max_s": t["max_s"],
                "samples_per_s": batch / t["median_s"]}
         if new_tokens:
