@@ -104,7 +104,8 @@ def main(argv=None):
         kind = name.split("-")[0]
         cfg = m.get("config", "")
         dtype = str(m.get("dtype", "")).replace("torch.", "")
-        lines += [f"## {TITLES.get(kind, kind)} {('(' + cfg + ', ' + dtype + ')') if cfg else ''}".rstrip(), ""]
+        what = ", ".join(x for x in (cfg, dtype) if x)
+        lines += [f"## {TITLES.get(kind, kind)}" + (f" ({what})" if what else ""), ""]
         rows = _readable(data.get("rows", []))
         if rows:
             lines += [markdown_table(rows, _columns(rows)), ""]
