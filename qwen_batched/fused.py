@@ -1,9 +1,10 @@
 """Fused Triton kernels on CUDA, with the torch reference everywhere else.
 
-RMSNorm and the vision rotary are memory-bound chains of small ops in eager torch (several float32 temporaries
+The processor's resize + patchify kernels (``kernels/patchify.py``) share the switch below. RMSNorm and the vision
+rotary are memory-bound chains of small ops in eager torch (several float32 temporaries
 per call); on CUDA with triton each runs as one kernel with the reference's roundings. Under ``torch.compile``
 the torch reference is used (the compiler fuses it itself). A kernel that fails to build or launch switches
-the fused path off for the process, with a warning. ``QWEN_BATCHED_TRITON=0`` switches it off up front.
+the Triton path off for the process, with a warning. ``QWEN_BATCHED_TRITON=0`` switches it off up front.
 """
 from __future__ import annotations
 
@@ -21,11 +22,17 @@ except ImportError:  # source checkout: ``kernels`` next to the package
 _state = {"on": os.environ.get("QWEN_BATCHED_TRITON", "1") != "0"}
 
 
+def kernels_enabled() -> bool:
+    """Whether the Triton kernels may run (triton imports, not switched off, none has failed yet)."""
+    return HAS_TRITON and _state["on"]
+
+
 def _use_kernel(x: torch.Tensor) -> bool:
-    return HAS_TRITON and _state["on"] and x.is_cuda and not torch.compiler.is_compiling()
+    return kernels_enabled() and x.is_cuda and not torch.compiler.is_compiling()
 
 
-def _give_up(name: str, err: Exception) -> None:
+def give_up(name: str, err: Exception) -> None:
+    """A kernel failed to build or launch: switch the Triton path off for the process, with a warning."""
     _state["on"] = False
     warnings.warn(f"Triton {name} kernel failed ({type(err).__name__}: {err}); using the torch path from now on")
 
@@ -36,7 +43,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         try:
             return rmsnorm.rms_norm(x, weight, eps)
         except Exception as e:  # build/launch failure on an unusual GPU or triton version
-            _give_up("rms_norm", e)
+            give_up("rms_norm", e)
     return rmsnorm.rms_norm_reference(x, weight, eps)
 
 
@@ -46,5 +53,5 @@ def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
         try:
             return rotary.rotary_qk(qkv, cos, sin)
         except Exception as e:
-            _give_up("rotary", e)
+            give_up("rotary", e)
     return rotary.rotary_qk_reference(qkv, cos, sin)

@@ -32,7 +32,7 @@ from .prompts import (IMAGE_TOKEN, VIDEO_TOKEN, ModelInputs, check_placeholders,
 from .resize import device_taps, resize_float
 from .tokenizer import ByteTokenizer, load_tokenizer
 
-from .fused import HAS_TRITON, patchify_reference, resize_patchify
+from .fused import give_up, kernels_enabled, patchify_reference, resize_patchify
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -378,13 +378,18 @@ class BatchedImageProcessor:
         mean, std = self._norm(frames.device, scale)
         kw = dict(patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size, merge_size=self.merge_size)
         grid = [math.ceil(f / self.temporal_patch_size), g.size[0] // self.patch_size, g.size[1] // self.patch_size]
-        use_triton = self.use_triton if self.use_triton is not None else (HAS_TRITON and frames.is_cuda)
+        use_triton = self.use_triton if self.use_triton is not None else (kernels_enabled() and frames.is_cuda)
         if use_triton:
             taps = [device_taps(src, dst, frames.device) if src != dst else None
                     for src, dst in ((height, g.size[0]), (width, g.size[1]))]
             resized = any(t is not None for t in taps)
-            return resize_patchify(frames, mean, std, height_taps=taps[0], width_taps=taps[1],
-                                   round_uint8=uint8 and resized, **kw), grid
+            try:
+                return resize_patchify(frames, mean, std, height_taps=taps[0], width_taps=taps[1],
+                                       round_uint8=uint8 and resized, **kw), grid
+            except Exception as e:  # a kernel that cannot build here: the torch path below
+                if self.use_triton:
+                    raise
+                give_up("resize_patchify", e)
         if g.size != (height, width):
             frames = resize_float(frames.reshape(n * f, c, height, width), g.size, round_uint8=uint8)
             frames = frames.view(n, f, c, *g.size)  # float32 (uint8 inputs: rounded values)
