@@ -1,6 +1,7 @@
 """``QwenBatchedVL``: the public model object (loading, image and video encoding, features, generation)."""
 from __future__ import annotations
 
+import itertools
 import os
 from types import SimpleNamespace
 
@@ -162,7 +163,7 @@ class QwenBatchedVL(nn.Module):
         cache, mu = self.image_cache, self.cfg.vision.merge_unit
         keys = cache.keys(pixel_values, grids)
         rows = [t * h * w for t, h, w in grids]
-        starts = [sum(rows[:i]) for i in range(len(rows))]
+        starts = [0, *itertools.accumulate(rows)]
         out = [cache.get(k) for k in keys]
         todo: dict[bytes, int] = {}  # missing key -> first image carrying it (in-batch duplicates once)
         for i, (k, hit) in enumerate(zip(keys, out)):

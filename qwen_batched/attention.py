@@ -81,7 +81,6 @@ class VarlenPlan:
     """Segment layout of one packed sequence: cumulative lengths plus the SDPA bucket plan."""
     cu_seqlens: torch.Tensor  # (S+1,) int32 on the compute device
     max_seqlen: int
-    total: int
     buckets: list[_Bucket] = field(default_factory=list)
 
     @classmethod
@@ -89,7 +88,7 @@ class VarlenPlan:
         """lengths: host list of segment lengths, in packed order."""
         lens = torch.tensor(lengths, dtype=torch.int64)
         cu = F.pad(lens.cumsum(0), (1, 0))
-        plan = cls(cu_seqlens=cu.to(device=device, dtype=torch.int32), max_seqlen=int(lens.max()), total=int(cu[-1]))
+        plan = cls(cu_seqlens=cu.to(device=device, dtype=torch.int32), max_seqlen=int(lens.max()))
         if backend == "sdpa":
             plan.buckets = _make_buckets(lens, cu, device, pad_waste)
         return plan

@@ -21,8 +21,6 @@ from .config import VisionConfig
 
 @dataclass
 class VisionGeometry:
-    grids: tuple[tuple[int, int, int], ...]
-    n_patches: int
     window_index: torch.Tensor  # (n_units,) int64: unit ids in window order
     reverse_index: torch.Tensor  # (n_units,) int64: inverse permutation
     cos: torch.Tensor  # (n_patches, head_dim) fp32, window order
@@ -76,10 +74,7 @@ def build_geometry(grids: tuple[tuple[int, int, int], ...], cfg: VisionConfig, d
     pcol = (ucol[window_index, None] * m + sub % m).flatten()
     cos, sin = rotary_tables(prow, pcol, cfg.head_dim, cfg.rope_theta)
     frame_lens = torch.repeat_interleave(g[:, 1] * g[:, 2], g[:, 0])
-    n_patches = int(frame_lens.sum())
     return VisionGeometry(
-        grids=grids,
-        n_patches=n_patches,
         window_index=window_index.to(device),
         reverse_index=reverse_index.to(device),
         cos=cos.to(device),

@@ -65,8 +65,8 @@ class ImageEmbeddingCache:
             cols = (torch.randint(-2**62, 2**62, (d, _PROJ_DIM), generator=gen, dtype=torch.int64) | 1).to(pv.device)
             self._proj[(pv.device, d)] = cols
         dev = pv.device
-        img = torch.repeat_interleave(torch.arange(len(sizes), device=dev), torch.tensor(sizes, device=dev))  # (N,)
         counts = torch.tensor(sizes, device=dev)
+        img = torch.repeat_interleave(torch.arange(len(sizes), device=dev), counts)  # (N,) image of each row
         local = torch.arange(n, device=dev) - (counts.cumsum(0) - counts)[img]  # row index within its image
         pos = (local[:, None] * _POS_MUL.to(dev) + _POS_ADD.to(dev)) | 1  # (N, P) odd per-position multipliers
         fp = torch.zeros(len(sizes), _PROJ_DIM, dtype=torch.int64, device=dev)
