@@ -57,7 +57,7 @@ def plan_ranges(lengths: list[int], budget: int | None, extra: int = 0) -> list[
     return ranges
 
 
-def _item_bounds(tokens_per_row: list[int], grid_thw: torch.Tensor | None, merge_unit: int,
+def item_bounds(tokens_per_row: list[int], grid_thw: torch.Tensor | None, merge_unit: int,
                  kind: str) -> tuple[list[int], list[int]]:
     """Items (images or videos) belong to rows in (batch, sequence) order: the item index and the pixel-row offset
     at each row boundary, both (B + 1) lists. A row whose tokens do not add up to whole items raises."""
@@ -101,9 +101,9 @@ class RowSlicer:
         self.first, self.last, img_tok = stats[:3]
         self.lengths = [b - a + 1 for a, b in zip(self.first, self.last)]
         # image / video index range and pixel row range of each row
-        self.img_start, self.patch_start = _item_bounds(img_tok, batch.image_grid_thw, merge_unit, "image")
+        self.img_start, self.patch_start = item_bounds(img_tok, batch.image_grid_thw, merge_unit, "image")
         vid_tok = stats[3] if batch.video_grid_thw is not None else [0] * len(img_tok)
-        self.vid_start, self.vpatch_start = _item_bounds(vid_tok, batch.video_grid_thw, merge_unit, "video")
+        self.vid_start, self.vpatch_start = item_bounds(vid_tok, batch.video_grid_thw, merge_unit, "video")
 
     def __call__(self, start: int, end: int) -> Rows:
         b = self.batch

@@ -5,6 +5,8 @@ import dataclasses
 
 import torch
 
+from ..batching import item_bounds
+
 
 def _to_device(obj, device: torch.device, non_blocking: bool):
     if isinstance(obj, torch.Tensor):
@@ -49,28 +51,14 @@ def _slice_inputs(inputs, idx: list[int], image_token_id: int, merge_unit: int =
     if mm is not None:
         out["mm_token_type_ids"] = mm[sel][:, first:]
     if grid is not None and grid.numel():
-        # the images of each row, in order: from images_per_sample, else from the rows' image-token counts
-        per_row = _field(inputs, "images_per_sample")
-        if not per_row:
-            tokens_per_img = (grid.prod(-1) // merge_unit).tolist()
-            per_row, k = [], 0
-            for c in (full_ids == image_token_id).sum(-1).tolist():
-                n = 0
-                while c > 0 and k < len(tokens_per_img):
-                    c -= tokens_per_img[k]
-                    k, n = k + 1, n + 1
-                per_row.append(n)
-        first_img = [0]
-        for n in per_row:
-            first_img.append(first_img[-1] + n)
-        pstart = [0]
-        for p in grid.prod(-1).tolist():
-            pstart.append(pstart[-1] + p)
-        ks = [k for r in idx for k in range(first_img[r], first_img[r + 1])]
-        out["images_per_sample"] = tuple(per_row[r] for r in idx)
+        # the images of each row, in (batch, sequence) order, from the rows' image-token counts
+        tokens_per_row = (full_ids == image_token_id).sum(-1).tolist()
+        bounds, patches = item_bounds(tokens_per_row, grid, merge_unit, "image")
+        out["images_per_sample"] = tuple(bounds[r + 1] - bounds[r] for r in idx)
+        ks = [k for r in idx for k in range(bounds[r], bounds[r + 1])]
         if ks:
             out["image_grid_thw"] = grid[torch.tensor(ks, device=grid.device)]
-            out["pixel_values"] = torch.cat([pv[pstart[k]:pstart[k + 1]] for k in ks])
+            out["pixel_values"] = torch.cat([pv[patches[r]:patches[r + 1]] for r in idx if bounds[r + 1] > bounds[r]])
     return out
 
 
