@@ -2,7 +2,7 @@
 
 Images follow the reference (``transformers``' Qwen2-VL image processor, torchvision flavour): ``smart_resize``
 to multiples of 28 within [min_pixels, max_pixels], bicubic antialiased resize of the uint8 image (float
-interpolate, round back to uint8 values), then ``(x - 255*mean) / (255*std)`` and the patch layout of
+interpolate, round back to uint8 values: torchvision's float path, which it takes on CUDA), then ``(x - 255*mean) / (255*std)`` and the patch layout of
 ``kernels/patchify.py``. Images of one size are processed together: one resize and one patchify per size.
 
 Value ranges: uint8 images are 0..255, floating images 0..1; ``rescale=`` overrides (True: the values are
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
