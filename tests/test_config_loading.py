@@ -233,3 +233,33 @@ def test_from_hf_mixed_dtypes_converted_to_dtype():
     assert rel_err(got, want) < 1e-5
     bf16 = QwenBatchedVL.from_hf(hf, dtype=torch.bfloat16)
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+
+
+def test_from_hf_parameters_on_several_devices():
+    hf = make_hf_model()
+    hf.lm_head.to("meta")
+    with pytest.raises(ValueError, match=r"several devices \['cpu', 'meta'\]"):
+        QwenBatchedVL.from_hf(hf)
+
+
+def test_every_json_file_is_read_with_one_error(tmp_path, hf_model):
+    from qwen_batched.config import read_json
+
+    assert read_json(tmp_path / "absent.json") is None
+    hf_model.save_pretrained(tmp_path)
+    good = (tmp_path / "config.json").read_text()
+    (tmp_path / "config.json").write_text(good[:-5])
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        QwenBatchedVL.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(good)
+    (tmp_path / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"generation_config\.json must hold a JSON object, got a list"):
+        QwenBatchedVL.from_pretrained(tmp_path)
+    os.remove(tmp_path / "generation_config.json")
+    (tmp_path / "preprocessor_config.json").write_text("{'min_pixels': 1}")
+    with pytest.raises(ValueError, match=r"preprocessor_config\.json is not valid JSON"):
+        QwenBatchedVL.from_pretrained(tmp_path)
+    os.remove(tmp_path / "preprocessor_config.json")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json is not a safetensors index"):
+        QwenBatchedVL.from_pretrained(tmp_path)
