@@ -2,8 +2,9 @@
 
 Images follow the reference (``transformers``' Qwen2-VL image processor, torchvision flavour): ``smart_resize``
 to multiples of 28 within [min_pixels, max_pixels], bicubic antialiased resize of the uint8 image (float
-interpolate, round back to uint8 values: torchvision's float path, which it takes on CUDA), then ``(x - 255*mean) / (255*std)`` and the patch layout of
-``kernels/patchify.py``. Images of one size are processed together: one resize and one patchify per size.
+interpolate, round back to uint8 values: torchvision's float path, which it takes on CUDA), then
+``(x - 255*mean) / (255*std)`` and the patch layout of ``kernels/patchify.py``. Images of one size are processed
+together: one resize and one patchify per size.
 
 Value ranges: uint8 images are 0..255, floating images 0..1; ``rescale=`` overrides (True: the values are
 0..255 whatever the dtype, False: use them as they are). A floating image outside its range is a ValueError
