@@ -103,17 +103,42 @@ class QwenBatchedVL(nn.Module):
         return model._take(load_state_dict(path, model, device=device, dtype=dtype), processor_path=path)
 
     @classmethod
-    def from_hf(cls, hf_model, *, attn_backend: str = "auto") -> "QwenBatchedVL":
-        """Wrap a loaded ``Qwen2_5_VLForConditionalGeneration``, sharing its tensors (no copy)."""
+    def from_hf(cls, hf_model, *, dtype=None, attn_backend: str = "auto") -> "QwenBatchedVL":
+        """Wrap a loaded ``Qwen2_5_VLForConditionalGeneration``, sharing its tensors (no copy).
+
+        The tensors are shared when they already have ``dtype`` (None: their own, which must then be one dtype);
+        others are converted to ``dtype`` (copies). transformers 5 builds a model from the published config with
+        the text model in bf16 and the vision tower in fp32: such a mixed model is a ValueError without ``dtype=``,
+        never silently upcast.
+        """
         from .loading import convert_state_dict
 
-        if not hasattr(hf_model, "state_dict") or not hasattr(hf_model, "config"):
+        if not hasattr(hf_model, "named_parameters") or not hasattr(hf_model, "config"):
             raise TypeError(f"hf_model must be a transformers Qwen2_5_VLForConditionalGeneration, got {type(hf_model).__name__}")
+        dtype = check_dtype(dtype)
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         cfg = ModelConfig.from_dict(hf_model.config.to_dict())
-        param = next(hf_model.parameters())
-        model = cls._empty(cfg, param.device, param.dtype, attn_backend)
+        params = list(hf_model.named_parameters())
+        devices = {p.device for _, p in params}
+        if len(devices) > 1:
+            raise ValueError(f"hf_model's parameters are on several devices {sorted(map(str, devices))}; move it to "
+                             "one device first (hf_model.to(device))")
+        if dtype is None:
+            parts: dict[str, set] = {"vision tower": set(), "text model and lm_head": set()}
+            for name, p in params:
+                parts["vision tower" if "visual." in name else "text model and lm_head"].add(p.dtype)
+            found = set().union(*parts.values())
+            if len(found) > 1:
+                said = "; ".join(f"{part}: {', '.join(sorted(map(str, ds)))}" for part, ds in parts.items() if ds)
+                raise ValueError(f"hf_model's parameters have mixed dtypes ({said}); pass dtype= (e.g. "
+                                 "dtype=torch.bfloat16) to convert them to one, or load the model with one dtype "
+                                 "(from_pretrained(..., dtype=torch.bfloat16))")
+            dtype = found.pop()
+        device = devices.pop()
+        model = cls._empty(cfg, device, dtype, attn_backend)
         sd = {k: v.detach() for k, v in hf_model.state_dict(keep_vars=True).items()}
-        return model._take(convert_state_dict(sd, model, device=param.device, dtype=param.dtype), processor_path=None)
+        return model._take(convert_state_dict(sd, model, device=device, dtype=dtype), processor_path=None)
 
     def _take(self, state: dict[str, torch.Tensor], processor_path: str | None) -> "QwenBatchedVL":
         """Adopt ``state`` (checked tensors) as the parameters, re-tie embeddings, freeze, attach the processor."""
