@@ -261,8 +261,8 @@ class QwenBatchedVL(nn.Module):
             lo, hi = lay.span(range(s, e))
             x = self._embed(sub)
             _, states = run_batch(self.model, x.embeds, x.position_ids, x.valid, rope=self.caches.rope(self.device),
-                                  backend=self.backend, lengths=sub.layout.lengths, depth=max(layers), keep=layers,
-                                  final_norm=final_norm)
+                                  backend=self.backend, lengths=list(sub.layout.n_real), depth=max(layers),
+                                  keep=layers, final_norm=final_norm)
             states = [F.pad(states[i], (0, 0, lo, L - hi)) for i in layers]
             return states, x.vision_embeds, x.video_embeds
 
@@ -311,7 +311,7 @@ class QwenBatchedVL(nn.Module):
             sub = batch.select_rows(range(s, e))
             x = self._embed(sub)
             return generate_tokens(
-                self, x.embeds, x.position_ids, x.valid, lengths=[int(n) for n in sub.layout.lengths],
+                self, x.embeds, x.position_ids, x.valid, lengths=list(sub.layout.n_real),
                 max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
                 eos_ids=eos_ids, pad_id=self.cfg.pad_token_id, seeds=seeds[s:e], compile=compile,
                 sync_every=4 if self.device.type == "cuda" else 1)

@@ -370,7 +370,8 @@ class BatchedImageProcessor:
         width, lens = ids.shape[1], [len(e) for e in encoded]
         first = [width - n if padding_side == "left" else 0 for n in lens]
         layout = BatchLayout(first=tuple(first), last=tuple(f + n - 1 for f, n in zip(first, lens)),
-                             image_grids=tuple(map(tuple, grids)), images_per_row=tuple(counts),
+                             n_real=tuple(lens), image_grids=tuple(map(tuple, grids)),
+                             images_per_row=tuple(counts),
                              video_grids=tuple(map(tuple, vgrids)) if vgroups else (),
                              videos_per_row=tuple(vcounts) if vgroups else ())
         out = ModelInputs(ids, mask, mm, images_per_sample=tuple(counts), videos_per_sample=tuple(vcounts),
