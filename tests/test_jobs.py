@@ -578,8 +578,8 @@ def _env(**extra):
     return env
 
 
-def _answer_argv(q, folder, out, *extra):
-    return ["answer", "--model", "tiny", "--questions", q, "--image-folder", folder, "--answers", str(out),
+def _answer_argv(q, folder, out, *extra, model="tiny"):
+    return ["answer", "--model", str(model), "--questions", q, "--image-folder", folder, "--answers", str(out),
             "--max-new-tokens", "12", "--no-progress", *map(str, extra)]
 
 
@@ -588,6 +588,20 @@ def tiny():
     from qwen_batched import QwenBatchedVL
 
     return QwenBatchedVL.from_config("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def hub_tiny(tmp_path_factory):
+    """A tiny checkpoint (directory, hub cache holding it as org/tiny-vl, the model loaded from the directory)."""
+    from helpers import make_hf_model
+    from qwen_batched import QwenBatchedVL
+    from test_hub import hub_cache
+
+    src = tmp_path_factory.mktemp("ckpt")
+    make_hf_model().save_pretrained(src)
+    hub = tmp_path_factory.mktemp("hub")
+    hub_cache(hub, "org/tiny-vl", src)
+    return src, str(hub), QwenBatchedVL.from_pretrained(src)
 
 
 def test_tiny_answers_match_direct_generate(tmp_path, tiny):
@@ -644,7 +658,8 @@ def test_killed_run_resumes_without_duplicates_or_losses(tmp_path, tiny):
     assert all(r["answer_id"] == done_before[r["question_id"]] for r in rows if r["question_id"] in done_before)
 
 
-def test_torchrun_two_ranks_equal_single_process(tmp_path, tiny):
+def test_torchrun_two_ranks_equal_single_process(tmp_path, hub_tiny):
+    # the ranks load the model by hub id (HF_HUB_CACHE, offline); the single process from its directory
     # big images first: a split by line count would be unbalanced, the split by estimated tokens is not
     folder = tmp_path / "images"
     sizes = [(420, 420)] * 3 + [(56, 56 + 28 * (i % 4)) for i in range(13)]
@@ -654,14 +669,20 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, tiny):
     write_questions(tmp_path / "q.jsonl", rows)
     q = str(tmp_path / "q.jsonl")
     flags = ("--batch-size", 4, "--shard-size", 3)
+    src, hub, model = hub_tiny
     single = tmp_path / "single.jsonl"
-    jobs.main(_answer_argv(q, str(folder), single, *flags), model=tiny)
+    jobs.main(_answer_argv(q, str(folder), single, *flags, model=src), model=model)
     multi = tmp_path / "multi.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "qwen_batched",
-           *_answer_argv(q, str(folder), multi, *flags)]
-    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=150)
+           *_answer_argv(q, str(folder), multi, *flags, model="org/tiny-vl")]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(HF_HUB_CACHE=hub, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                         timeout=150)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert strip_ids(read_jsonl(multi)) == strip_ids(read_jsonl(single))
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("answer_id", "model_id")} for r in rows]
+    assert read_jsonl(multi)[0]["model_id"] == "org/tiny-vl"
+    assert strip(read_jsonl(multi)) == strip(read_jsonl(single))
     parts = tmp_path / "multi.jsonl.parts"
     per_rank = {0: [], 1: []}
     for fn in os.listdir(parts):
@@ -674,6 +695,24 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, tiny):
     n_big = {r: len(big & set(per_rank[r])) for r in per_rank}
     heavy = max(per_rank, key=lambda r: n_big[r])
     assert n_big[heavy] == 2 and len(per_rank[heavy]) < len(per_rank[1 - heavy])
+
+
+def test_answer_with_a_hub_id_offline(tmp_path, hub_tiny, monkeypatch):
+    src, hub, _ = hub_tiny
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    q, folder = dataset(tmp_path, n=3)
+    out = tmp_path / "a.jsonl"
+    argv = ["answer", "--model", "org/tiny-vl", "--cache-dir", hub, "--questions", q, "--image-folder", folder,
+            "--answers", str(out), "--max-new-tokens", "4", "--no-progress"]
+    jobs.main(argv)
+    rows = read_jsonl(out)
+    assert len(rows) == 3 and all(r["model_id"] == "org/tiny-vl" and "error" not in r for r in rows)
+    # the same files as a directory are the same model: nothing to redo
+    jobs.main([*argv[:2], str(src), *argv[3:]], model=FakeModel(crash_after=0))
+    assert read_jsonl(out) == rows
+    with pytest.raises(SystemExit, match="error: --model: 'org/missing' is not a local directory and it is not in "
+                                         "the hub cache"):
+        jobs.main([*argv[:2], "org/missing", *argv[3:]])
 
 
 def test_extract_shards_match_extract_features(tmp_path, tiny):
