@@ -765,3 +765,36 @@ def test_bench_answers_equal_transformers_generate_per_sample(capsys):
     assert [r["method"].split(",")[0] for r in res] == ["jobs", "HF generate per sample"]
     assert res[-1]["same_answers"] == 1.0 and res[0]["new_tokens"] == res[1]["new_tokens"]
     assert "| questions/s |" in capsys.readouterr().out
+
+
+def test_cli_help_shows_defaults_and_bad_options_are_refused(tmp_path, capsys):
+    from qwen_batched.jobs.cli import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["answer"].format_help()
+    for piece in ("(default: 128)", "(default: 8)", "(default: chat)", "(default: category)"):
+        assert piece in text
+    q, folder = dataset(tmp_path, n=1)
+    for flag, value in (("--batch-size", 0), ("--max-pixels", -5), ("--max-batch-tokens", 0)):
+        with pytest.raises(SystemExit, match=f"{flag} must be >= 1"):
+            run_fake(FakeModel(), "--questions", q, "--answers", tmp_path / "a.jsonl", flag, value)
+    with pytest.raises(SystemExit, match="does not exist"):
+        run_fake(FakeModel(), "--questions", tmp_path / "nope.jsonl", "--answers", tmp_path / "a.jsonl")
+
+
+def test_load_features_rejects_bad_arguments(tmp_path):
+    folder = tmp_path / "imgs"
+    make_images(str(folder), [(56, 56)])
+    out = tmp_path / "feats"
+    jobs.main(["extract", "--model", "tiny", "--images", str(folder), "--out", str(out), "--no-progress"],
+              model=FakeModel())
+    assert jobs.load_features(out, 0)["input_ids"].shape == jobs.load_features(str(out), "img000.png")["input_ids"].shape
+    with pytest.raises(IndexError, match="position 1 out of range"):
+        jobs.load_features(out, 1)
+    with pytest.raises(KeyError, match="no input with id 'x.png'"):
+        jobs.load_features(out, "x.png")
+    with pytest.raises(TypeError, match="which must be"):
+        jobs.load_features(out, 1.0)
+    with pytest.raises(TypeError, match="out_dir"):
+        jobs.load_features(None, 0)
+    with pytest.raises(FileNotFoundError, match="no index.json"):
+        jobs.load_features(tmp_path, 0)

@@ -12,7 +12,12 @@ from .extract import run_extract
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help, examples kept as written."""
+    """Defaults in the help (where there is one to show), examples kept as written."""
+
+    def _get_help_string(self, action):
+        if any(action.default is x for x in (None, False, "", argparse.SUPPRESS)) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _keys(spec: str) -> tuple[str, ...]:
@@ -26,7 +31,7 @@ def _common_args(p: argparse.ArgumentParser, shard_size: int) -> None:
     p.add_argument("--revision", default=None, help="hub id revision: branch, tag or commit (default: main)")
     p.add_argument("--cache-dir", default=None, help="hub cache directory (default: HF_HUB_CACHE)")
     p.add_argument("--image-folder", default=None, help="base directory of relative image paths")
-    p.add_argument("--extra-keys", type=_keys, default=("category",),
+    p.add_argument("--extra-keys", type=_keys, default="category",
                    help="comma-separated keys an input line may carry besides the documented ones (ignored); any "
                         "other key makes the line an error")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: cuda:LOCAL_RANK)")
@@ -49,7 +54,7 @@ def _common_args(p: argparse.ArgumentParser, shard_size: int) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N inputs")
     p.add_argument("--overwrite", action="store_true",
                    help="discard the results already in the output (needed after changing the model or a setting)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.add_argument("--progress-all-ranks", action="store_true", help="a progress line from every rank")
     p.add_argument("--max-model-failures", type=int, default=8,
                    help="stop after this many items in a row fail inside the model (they are retried next run)")
@@ -79,7 +84,8 @@ output is rebuilt. Results of another model or other settings are never mixed in
                    help='jsonl: {"question_id", "image": path or list, "text"}')
     a.add_argument("--answers", "--answers-file", dest="answers", required=True, help="output jsonl")
     a.add_argument("--shard-dir", default=None, help="where shards go (default: ANSWERS.parts)")
-    a.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=128)
+    a.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=128,
+                   help="most tokens generated per answer")
     a.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     a.add_argument("--top-k", type=int, default=0, help="0: off")
     a.add_argument("--top-p", type=float, default=1.0, help="1: off")
@@ -98,7 +104,8 @@ output is rebuilt. Results of another model or other settings are never mixed in
     e.add_argument("--text", default="", help="prompt text of inputs that have none")
     e.add_argument("--tokens", default="all", choices=["all", "image"],
                    help="rows stored per input: all non-pad tokens, or only image tokens")
-    e.add_argument("--save-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    e.add_argument("--save-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the stored hidden states (auto: the model's)")
     e.add_argument("--save-vision", action="store_true", help="also store the vision tower's image embeddings")
     e.add_argument("--no-final-norm", action="store_true", help="last layer without the final RMSNorm")
     _common_args(e, shard_size=32)
