@@ -22,6 +22,7 @@ from qwen_batched import jobs
 from qwen_batched.jobs import io as jio
 from qwen_batched.jobs import run as jrun
 from qwen_batched.config import tiny_config
+from qwen_batched.inputs import BatchLayout, ModelInputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,14 +77,6 @@ def strip_ids(rows):
 
 # ================================================================================================ fake model
 @dataclasses.dataclass
-class Inputs:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    pixel_values: torch.Tensor | None
-    image_grid_thw: torch.Tensor | None
-
-
-@dataclasses.dataclass
 class GenerateOutput:
     sequences: torch.Tensor
     lengths: torch.Tensor
@@ -132,7 +125,10 @@ class FakeProcessor:
         for b, r in enumerate(rows):
             ids[b, L - len(r):] = torch.tensor(r)
             mask[b, L - len(r):] = 1
-        return Inputs(ids, mask, torch.cat(pvs) if pvs else None, torch.tensor(grids) if grids else None)
+        layout = BatchLayout(first=tuple(L - len(r) for r in rows), last=(L - 1,) * len(rows),
+                             image_grids=tuple(map(tuple, grids)), images_per_row=tuple(len(i) for i in images))
+        return ModelInputs(ids, mask, None, torch.cat(pvs) if pvs else None, torch.tensor(grids) if grids else None,
+                           images_per_sample=layout.images_per_row, layout=layout)
 
 
 class FakeModel:
@@ -148,7 +144,9 @@ class FakeModel:
         self.seeds = []
         self.crash_after, self.fail_on = crash_after, fail_on
 
-    def _check(self, input_ids, attention_mask, pixel_values, image_grid_thw):
+    def _check(self, inputs):
+        input_ids, attention_mask, pixel_values, image_grid_thw = (
+            inputs.input_ids, inputs.attention_mask, inputs.pixel_values, inputs.image_grid_thw)
         n_img = int((input_ids == self.cfg.image_token_id).sum())
         n_feat = 0 if image_grid_thw is None else int(image_grid_thw.prod(-1).sum()) // 4
         assert n_img == n_feat and (pixel_values is None or pixel_values.shape[0] == n_feat * 4)
@@ -163,10 +161,9 @@ class FakeModel:
         self.batches.append(input_ids.shape[0])
         return rows
 
-    def generate(self, *, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, max_new_tokens=32,
-                 eos_token_id=None, seed=None, max_batch_tokens=None, **kw):
-        self.log.append(("generate", threading.current_thread().name, input_ids.shape[0]))
-        rows = self._check(input_ids, attention_mask, pixel_values, image_grid_thw)
+    def generate(self, inputs, /, *, max_new_tokens=32, eos_token_id=None, seed=None, max_batch_tokens=None, **kw):
+        self.log.append(("generate", threading.current_thread().name, inputs.batch_size))
+        rows = self._check(inputs)
         assert seed is None or (isinstance(seed, list) and len(seed) == len(rows))
         self.seeds.append(seed)
         seqs, lens, texts = [], [], []
@@ -178,9 +175,9 @@ class FakeModel:
             seqs.append(toks + [self.cfg.pad_token_id] * (max_new_tokens - len(toks)))
         return GenerateOutput(torch.tensor(seqs), torch.tensor(lens), texts)
 
-    def extract_features(self, *, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, layers=None,
-                         final_norm=True, max_batch_tokens=None):
-        self._check(input_ids, attention_mask, pixel_values, image_grid_thw)
+    def extract_features(self, inputs, /, *, layers=None, final_norm=True, max_batch_tokens=None):
+        self._check(inputs)
+        input_ids, attention_mask = inputs.input_ids, inputs.attention_mask
         n = self.cfg.text.num_hidden_layers
         layers = tuple(i % (n + 1) for i in layers)
         base = input_ids.float()[..., None] * torch.arange(1, 5).float()
@@ -346,14 +343,14 @@ def test_batches_are_prepared_in_background_while_the_model_runs(tmp_path):
     seen_while_generating = []
     orig = m.generate
 
-    def slow_generate(**kw):
+    def slow_generate(inputs, **kw):
         # while the first batch is in the model, a worker thread must prepare the second one
         t_end = time.time() + 5
         while not seen_while_generating and time.time() < t_end and \
                 sum(1 for e in m.log if e[0] == "prepare") < 2:
             time.sleep(0.005)
         seen_while_generating.append(sum(1 for e in m.log if e[0] == "prepare"))
-        return orig(**kw)
+        return orig(inputs, **kw)
 
     m.generate = slow_generate
     run_fake(m, "--questions", q, "--image-folder", folder, "--answers", tmp_path / "a.jsonl", "--batch-size", 2,
@@ -512,19 +509,6 @@ def test_systematic_model_failure_stops_the_run(tmp_path):
         run_fake(m, "--questions", q, "--image-folder", folder, "--answers", tmp_path / "a.jsonl",
                  "--max-model-failures", 3, "--shard-size", 1)
     assert not (tmp_path / "a.jsonl").exists()
-
-
-def test_slice_inputs_keeps_each_rows_images():
-    m = FakeModel()
-    imgs = [[torch.zeros(3, 56, 56)], [torch.ones(3, 56, 84), torch.ones(3, 28, 28) * 2], [], [torch.ones(3, 84, 56) * 3]]
-    full = m.processor.prepare(imgs, ["a", "bb", "ccc", "d"])
-    for rows in ([0], [1], [2], [3], [1, 3], [0, 2]):
-        part = jrun._slice_inputs(full, rows, m.cfg.image_token_id)
-        ref = m.processor.prepare([imgs[r] for r in rows], [["a", "bb", "ccc", "d"][r] for r in rows])
-        assert torch.equal(part.input_ids, ref.input_ids) and torch.equal(part.attention_mask, ref.attention_mask)
-        for k in ("pixel_values", "image_grid_thw"):
-            a, b = getattr(part, k), getattr(ref, k)
-            assert (a is None and b is None) or torch.equal(a, b)
 
 
 def test_extract_with_fake_model_index_and_rows(tmp_path):

@@ -7,7 +7,7 @@ import os
 import uuid
 
 from .io import ANSWER_SHARD_RE, atomic_write_bytes, list_shards, read_questions
-from .run import Job, Result, model_inputs
+from .run import Job, Result
 
 FORMAT = "qwen_batched.answers/2"
 
@@ -84,7 +84,7 @@ class AnswerJob(Job):
         a = self.args
         eos = list(self.model.cfg.eos_token_ids)
         seeds = [item_seed(a.seed, self.items[p].key) for p in positions] if self.sampling else None
-        out = self.model.generate(**model_inputs(inputs, self.device), max_new_tokens=a.max_new_tokens,
+        out = self.model.generate(inputs.to(self.device, non_blocking=True), max_new_tokens=a.max_new_tokens,
                                   temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, eos_token_id=eos,
                                   seed=seeds, max_batch_tokens=a.max_batch_tokens)
         n_prompt = inputs.attention_mask.sum(-1).tolist()

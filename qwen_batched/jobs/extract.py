@@ -8,7 +8,7 @@ import os
 import torch
 
 from .io import FEATURE_SHARD_RE, atomic_write_bytes, list_shards, read_image_inputs, read_json
-from .run import Job, Result, model_inputs
+from .run import Job, Result
 
 FORMAT = "qwen_batched.features/2"
 TENSORS = {
@@ -124,7 +124,7 @@ class ExtractJob(Job):
 
     def run_batch(self, inputs, positions: list[int]) -> list[Result]:
         a = self.args
-        out = self.model.extract_features(**model_inputs(inputs, self.device), layers=self.layers,
+        out = self.model.extract_features(inputs.to(self.device, non_blocking=True), layers=self.layers,
                                           final_norm=not a.no_final_norm, max_batch_tokens=a.max_batch_tokens)
         self.resolved_layers = layers = [int(x) for x in out.layers]
         ids = inputs.input_ids.cpu()

@@ -2,7 +2,6 @@
 batches), background batch preparation, failure isolation, resume state and the rank-0 merge."""
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import heapq
@@ -13,10 +12,11 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ..inputs import ModelInputs
 from .io import (Item, Progress, ShardWriter, check_manifest, decode_image, image_size_from_header, new_run_id)
 
 
@@ -289,51 +289,10 @@ def make_plan(items: list[Item], pending: list[int], estimator: Callable[[Item],
 
 
 # ============================================================================================== batches
-def _map_tensors(obj, fn):
-    """``obj`` (a prepared batch: a dataclass of tensors) with ``fn`` applied to every tensor field."""
-    return dataclasses.replace(obj, **{f.name: fn(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                                       if f.init and isinstance(getattr(obj, f.name), torch.Tensor)})
-
-
-def _slice_inputs(inputs, idx: list[int], image_token_id: int, merge_unit: int = 4):
-    """Rows ``idx`` of a prepared batch (with their images), re-trimmed to their own left padding."""
-    from ..batching import item_bounds
-
-    full_ids, full_mask = inputs.input_ids, inputs.attention_mask
-    grid, pv = inputs.image_grid_thw, inputs.pixel_values
-    sel = torch.tensor(idx, device=full_ids.device)
-    ids, mask = full_ids[sel], full_mask[sel]
-    keep = mask.bool().any(0)
-    first = int(keep.nonzero()[0]) if keep.any() else 0
-    out = {"input_ids": ids[:, first:], "attention_mask": mask[:, first:], "pixel_values": None,
-           "image_grid_thw": None}
-    if getattr(inputs, "mm_token_type_ids", None) is not None:
-        out["mm_token_type_ids"] = inputs.mm_token_type_ids[sel][:, first:]
-    if grid is not None and grid.numel():
-        tokens_per_row = (full_ids == image_token_id).sum(-1).tolist()
-        bounds, patches = item_bounds(tokens_per_row, grid, merge_unit, "image")
-        if "images_per_sample" in {f.name for f in dataclasses.fields(inputs)}:
-            out["images_per_sample"] = tuple(bounds[r + 1] - bounds[r] for r in idx)
-        ks = [k for r in idx for k in range(bounds[r], bounds[r + 1])]
-        if ks:
-            out["image_grid_thw"] = grid[torch.tensor(ks, device=grid.device)]
-            out["pixel_values"] = torch.cat([pv[patches[r]:patches[r + 1]] for r in idx if bounds[r + 1] > bounds[r]])
-    return dataclasses.replace(inputs, **out)
-
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-
-
-def model_inputs(inputs, device: torch.device) -> dict:
-    """The prepared batch's tensors on the model's device (copies from pinned memory overlap)."""
-    return {k: None if (t := getattr(inputs, k, None)) is None else t.to(device, non_blocking=True)
-            for k in MODEL_INPUTS}
-
-
 @dataclass
 class LoadedBatch:
     positions: list[int]                 # the batch, in the order the model sees it (failed items removed)
-    inputs: Any                          # processor output (ModelInputs) for ``positions``; None when empty
+    inputs: ModelInputs | None           # processor output for ``positions``; None when empty
     errors: dict[int, str]               # position -> error message
     sizes: dict[int, list]               # position -> [[h, w], ...] decoded image sizes
 
@@ -375,7 +334,7 @@ class BatchLoader:
             ok = good
             inputs = self._prepare(ok, decoded) if ok else None
         if inputs is not None and self.pin:
-            inputs = _map_tensors(inputs, lambda t: t.pin_memory() if t.device.type == "cpu" else t)
+            inputs = inputs.pin_memory()
         return LoadedBatch(ok, inputs, errors, sizes)
 
 
@@ -431,8 +390,7 @@ class FailureGuard:
                                f"stopping (finished shards are kept, rerun to resume)") from e
 
 
-def run_isolated(call: Callable, inputs, positions: list[int], select: Callable, on_fail: Callable,
-                 guard: FailureGuard) -> list[Result]:
+def run_isolated(call: Callable, inputs, positions: list[int], on_fail: Callable, guard: FailureGuard) -> list[Result]:
     """``call(inputs, positions)``; when it raises, each item runs alone, so that only the items that make the
     model raise get ``on_fail(pos, exc)`` and the rest still get results. Out of memory is not retried here:
     the model halves a sub-batch that runs out of memory itself; what escapes it is one row too large alone."""
@@ -448,7 +406,7 @@ def run_isolated(call: Callable, inputs, positions: list[int], select: Callable,
     out: list[Result] = []
     for j, pos in enumerate(positions):
         try:
-            out += call(select(inputs, [j]), [pos])
+            out += call(inputs.select_rows([j]), [pos])
             guard.ok()
         except Exception as e:  # noqa: BLE001
             e.__traceback__ = None
@@ -580,9 +538,6 @@ class Job:
         progress = Progress(len(mine), self.kind + (f" (rank {dist.rank}/{dist.world})" if dist.enabled else ""),
                             enabled=not args.no_progress and (dist.is_main or args.progress_all_ranks))
         guard = FailureGuard(args.max_model_failures)
-        cfg = self.model.cfg
-        select = lambda inputs, rows: _slice_inputs(inputs, rows, cfg.image_token_id,  # noqa: E731
-                                                    cfg.vision.merge_unit)
         n_err = 0
         t_loop = time.perf_counter()
         try:
@@ -591,7 +546,7 @@ class Job:
                     self.image_sizes = lb.sizes
                     results = [self.error_result(pos, msg) for pos, msg in lb.errors.items()]
                     if lb.positions:
-                        results += run_isolated(self.run_batch, lb.inputs, lb.positions, select,
+                        results += run_isolated(self.run_batch, lb.inputs, lb.positions,
                                                 lambda pos, e: self.error_result(pos, _err(e)), guard)
                     results.sort(key=lambda r: r.pos)
                     n_err += sum("error" in r.record for r in results)
