@@ -652,13 +652,13 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, hub_tiny):
     rows.insert(7, {"question_id": 99, "image": "missing.png", "text": "gone"})
     write_questions(tmp_path / "q.jsonl", rows)
     q = str(tmp_path / "q.jsonl")
-    flags = ("--batch-size", 4, "--shard-size", 3)
+    sampling = ("--shard-size", 3, "--temperature", 1.0, "--seed", 3)  # sampled answers, other batch sizes
     src, hub, model = hub_tiny
     single = tmp_path / "single.jsonl"
-    jobs.main(_answer_argv(q, str(folder), single, *flags, model=src), model=model)
+    jobs.main(_answer_argv(q, str(folder), single, "--batch-size", 4, *sampling, model=src), model=model)
     multi = tmp_path / "multi.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "qwen_batched",
-           *_answer_argv(q, str(folder), multi, *flags, model="org/tiny-vl")]
+           *_answer_argv(q, str(folder), multi, "--batch-size", 3, *sampling, model="org/tiny-vl")]
     res = subprocess.run(cmd, cwd=ROOT, env=_env(HF_HUB_CACHE=hub, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
                          timeout=150)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -679,6 +679,26 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, hub_tiny):
     n_big = {r: len(big & set(per_rank[r])) for r in per_rank}
     heavy = max(per_rank, key=lambda r: n_big[r])
     assert n_big[heavy] == 2 and len(per_rank[heavy]) < len(per_rank[1 - heavy])
+
+
+def test_sampled_answers_do_not_depend_on_batching_or_resume(tmp_path, tiny):
+    q, folder = dataset(tmp_path, n=6, multi=(2,))
+    sampling = ("--temperature", 1.0, "--top-k", 50, "--seed", 11, "--max-new-tokens", 8)
+
+    def answers(name, *flags):
+        jobs.main(_answer_argv(q, folder, tmp_path / name, *sampling, *flags), model=tiny)
+        return [(r["question_id"], r["text"], r["metadata"]["n_new_tokens"]) for r in read_jsonl(tmp_path / name)]
+
+    ref = answers("bs1.jsonl", "--batch-size", 1)
+    assert answers("bs6.jsonl", "--batch-size", 6) == ref
+    assert answers("split.jsonl", "--batch-size", 6, "--max-batch-tokens", 300) == ref  # smaller batches
+    answers("resumed.jsonl", "--batch-size", 4, "--limit", 3)
+    assert answers("resumed.jsonl", "--batch-size", 4) == ref
+    greedy = [r["text"] for r in read_jsonl(tmp_path / "bs1.jsonl")]
+    jobs.main(_answer_argv(q, folder, tmp_path / "greedy.jsonl", "--max-new-tokens", 8), model=tiny)
+    assert greedy != [r["text"] for r in read_jsonl(tmp_path / "greedy.jsonl")]
+    other = answers("seed12.jsonl", "--batch-size", 6, "--seed", 12)
+    assert other != ref
 
 
 def test_answer_with_a_hub_id_offline(tmp_path, hub_tiny, monkeypatch):
