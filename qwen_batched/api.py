@@ -82,16 +82,16 @@ class QwenBatchedVL(nn.Module):
         return model._take(state, processor_path=None)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device=None, dtype=None,
+    def from_pretrained(cls, path: str | os.PathLike, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, device=None, dtype=None,
                         attn_backend: str = "auto") -> "QwenBatchedVL":
-        """Load a checkpoint directory (``config.json`` + safetensors, single file or sharded)."""
+        """Load a checkpoint (``config.json`` + safetensors, single file or sharded): a directory, or a hub id
+        (``"Qwen/Qwen2.5-VL-7B-Instruct"``) resolved as ``transformers`` does: the local hub cache first
+        (``cache_dir``, default ``HF_HUB_CACHE``), downloaded at ``revision`` when missing unless ``HF_HUB_OFFLINE=1``."""
+        from .hub import resolve_checkpoint
         from .loading import load_state_dict
 
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a checkpoint directory path, got {type(path).__name__}")
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+        path = resolve_checkpoint(path, revision=revision, cache_dir=cache_dir)
         cfg = ModelConfig.from_json(path)
         eos = load_generation_eos(path)
         if eos:
