@@ -88,16 +88,16 @@ class QwenBatchedVL(nn.Module):
         return model._take(state, processor_path=None)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device=None, dtype=None,
+    def from_pretrained(cls, path: str | os.PathLike, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, device=None, dtype=None,
                         attn_backend: str = "auto") -> "QwenBatchedVL":
-        """Load a checkpoint directory (``config.json`` + safetensors, single file or sharded)."""
+        """Load a checkpoint (``config.json`` + safetensors, single file or sharded): a directory, or a hub id
+        (``"Qwen/Qwen2.5-VL-7B-Instruct"``) resolved as ``transformers`` does: the local hub cache first
+        (``cache_dir``, default ``HF_HUB_CACHE``), downloaded at ``revision`` when missing unless ``HF_HUB_OFFLINE=1``."""
+        from .hub import resolve_checkpoint
         from .loading import load_state_dict
 
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a checkpoint directory path, got {type(path).__name__}")
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+        path = resolve_checkpoint(path, revision=revision, cache_dir=cache_dir)
         cfg = ModelConfig.from_json(path)
         eos = load_generation_eos(path)
         if eos:
@@ -109,17 +109,42 @@ class QwenBatchedVL(nn.Module):
         return model._take(load_state_dict(path, model, device=device, dtype=dtype), processor_path=path)
 
     @classmethod
-    def from_hf(cls, hf_model, *, attn_backend: str = "auto") -> "QwenBatchedVL":
-        """Wrap a loaded ``Qwen2_5_VLForConditionalGeneration``, sharing its tensors (no copy)."""
+    def from_hf(cls, hf_model, *, dtype=None, attn_backend: str = "auto") -> "QwenBatchedVL":
+        """Wrap a loaded ``Qwen2_5_VLForConditionalGeneration``, sharing its tensors (no copy).
+
+        The tensors are shared when they already have ``dtype`` (None: their own, which must then be one dtype);
+        others are converted to ``dtype`` (copies). transformers 5 builds a model from the published config with
+        the text model in bf16 and the vision tower in fp32: such a mixed model is a ValueError without ``dtype=``,
+        never silently upcast.
+        """
         from .loading import convert_state_dict
 
-        if not hasattr(hf_model, "state_dict") or not hasattr(hf_model, "config"):
+        if not hasattr(hf_model, "named_parameters") or not hasattr(hf_model, "config"):
             raise TypeError(f"hf_model must be a transformers Qwen2_5_VLForConditionalGeneration, got {type(hf_model).__name__}")
+        dtype = check_dtype(dtype)
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         cfg = ModelConfig.from_dict(hf_model.config.to_dict())
-        param = next(hf_model.parameters())
-        model = cls._empty(cfg, param.device, param.dtype, attn_backend)
+        params = list(hf_model.named_parameters())
+        devices = {p.device for _, p in params}
+        if len(devices) > 1:
+            raise ValueError(f"hf_model's parameters are on several devices {sorted(map(str, devices))}; move it to "
+                             "one device first (hf_model.to(device))")
+        if dtype is None:
+            parts: dict[str, set] = {"vision tower": set(), "text model and lm_head": set()}
+            for name, p in params:
+                parts["vision tower" if "visual." in name else "text model and lm_head"].add(p.dtype)
+            found = set().union(*parts.values())
+            if len(found) > 1:
+                said = "; ".join(f"{part}: {', '.join(sorted(map(str, ds)))}" for part, ds in parts.items() if ds)
+                raise ValueError(f"hf_model's parameters have mixed dtypes ({said}); pass dtype= (e.g. "
+                                 "dtype=torch.bfloat16) to convert them to one, or load the model with one dtype "
+                                 "(from_pretrained(..., dtype=torch.bfloat16))")
+            dtype = found.pop()
+        device = devices.pop()
+        model = cls._empty(cfg, device, dtype, attn_backend)
         sd = {k: v.detach() for k, v in hf_model.state_dict(keep_vars=True).items()}
-        return model._take(convert_state_dict(sd, model, device=param.device, dtype=param.dtype), processor_path=None)
+        return model._take(convert_state_dict(sd, model, device=device, dtype=dtype), processor_path=None)
 
     def _take(self, state: dict[str, torch.Tensor], processor_path: str | None) -> "QwenBatchedVL":
         """Adopt ``state`` (checked tensors) as the parameters, re-tie embeddings, freeze, attach the processor."""
@@ -230,10 +255,11 @@ class QwenBatchedVL(nn.Module):
 
     def _prefix_groups(self, batch: ModelInputs) -> PrefixGroups | None:
         """Rows of ``batch`` sharing a prefix (``prefix.find_groups``), or None when fewer than two rows hold an
-        image. Reads the ids once; probes and fingerprints images only where the ids leave a candidate."""
+        image or a row's mask has holes. Reads the ids once; probes and fingerprints images only where the ids leave
+        a candidate."""
         lay = batch.layout
-        if sum(n > 0 for n in lay.images_per_row) < 2:
-            return None
+        if sum(n > 0 for n in lay.images_per_row) < 2 or list(lay.n_real) != lay.lengths:
+            return None  # (a mask with holes inside a row: the rows run unshared)
         pv, grids = batch.pixel_values, lay.image_grids
         fp = self.image_cache if self.image_cache is not None else self.caches.fingerprints
         known = self.image_cache.keys(pv, grids) if self.image_cache is not None else None  # the cache needs them
@@ -290,7 +316,8 @@ class QwenBatchedVL(nn.Module):
                 _, states = run_shared(self.model, x.embeds, x.position_ids, sg, sub.layout.first,
                                        sub.layout.lengths, **kw)
             else:
-                _, states = run_batch(self.model, x.embeds, x.position_ids, x.valid, lengths=sub.layout.lengths, **kw)
+                _, states = run_batch(self.model, x.embeds, x.position_ids, x.valid, lengths=list(sub.layout.n_real),
+                                      **kw)
             states = [F.pad(states[i], (0, 0, lo, L - hi)) for i in layers]
             return rows, states, x.vision_embeds, x.video_embeds
 
@@ -353,7 +380,7 @@ class QwenBatchedVL(nn.Module):
             row_seed = seeds[rows[0]:rows[-1] + 1] if rows == list(range(rows[0], rows[-1] + 1)) else \
                 seeds[torch.tensor(rows, device=seeds.device)]
             seqs, n_new = generate_tokens(
-                self, x.embeds, x.position_ids, x.valid, lengths=list(sub.layout.lengths),
+                self, x.embeds, x.position_ids, x.valid, lengths=list(sub.layout.n_real),
                 max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
                 eos_ids=eos_ids, pad_id=self.cfg.pad_token_id, seeds=row_seed, compile=compile,
                 sync_every=4 if self.device.type == "cuda" else 1, prefill=prefill)

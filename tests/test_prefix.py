@@ -99,7 +99,7 @@ def test_two_images_in_other_orders_share_nothing(models):
     assert g.group == (0, 0, 1, 1, -1)  # the A-only row shares less with either group than they do inside
     image_tokens = [int((x.input_ids[r, x.attention_mask[r].bool()][:g.prefix[r]] == m.cfg.image_token_id).sum())
                     for r in range(4)]
-    assert image_tokens == [16 + 24, 16 + 24, 16 + 16, 16 + 16]  # both image blocks in each group's prefix
+    assert image_tokens == [4 + 6, 4 + 6, 4 + 4, 4 + 4]  # both image blocks (4 and 6 tokens) in each prefix
     _compare(m, x)
 
 
