@@ -6,7 +6,10 @@ answers (max_new_tokens new tokens, no EOS so every row decodes all of them). Qu
 answer job batches them (the questions of one image together, batch_size per batch); each batch is prepared
 once (processor time is not counted: it is the same for every row and runs in the job's background workers).
 Rows: questions/s with sharing on, with it off, and transformers per sample; "same tokens" compares every
-answer with the sharing-off one.
+answer with the sharing-off one. Implementations are interleaved, medians after a warm-up. On the CPU the
+speedups are taken from the process's CPU time (wall time is reported too): on a shared machine other
+processes' load moves wall time by far more than the differences measured here; run with --threads 1 so that
+CPU time is the time the work takes.
 
   python bench/bench_prefix.py                                   # CPU: cpu-small config, k = 1, 3, 5
   python bench/bench_prefix.py --device cuda --config 3b --images 16 --px 448
@@ -23,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_jobs import byte_processor, byte_vocab_config  # noqa: E402
 from bench.bench_vit import CPU_SMALL  # noqa: E402
-from bench.common import header, markdown_table, sync, time_fns, write_json  # noqa: E402
+from bench.common import header, markdown_table, sync, write_json  # noqa: E402
 from qwen_batched import ModelConfig, QwenBatchedVL  # noqa: E402
 from tests.helpers import hf_config_dict  # noqa: E402
 
@@ -96,31 +99,54 @@ def run_case(ours, hf, n_images: int, k: int, px: int, batch_size: int, max_new:
     if hf is not None:
         hf.generation_config.eos_token_id = None
         fns["transformers per sample"] = hf_fn
-    t = time_fns(fns, device, warmup=1, reps=reps)
+    t = _timed(fns, device, reps)
     off = torch.cat(out[False])
     same = {"share_prefix=True": torch.equal(torch.cat(out[True]), off), "share_prefix=False": True}
     if hf is not None:
         same["transformers per sample"] = torch.equal(torch.cat(out["hf"]), off)
     n = len(qs)
+    clock = "cpu_s" if device.type == "cpu" else "wall_s"
     rows = [{"case": f"{n_images} images x {k} questions, {px}px, batch {batch_size}", "k": k, "impl": name,
-             "median_s": st["median_s"], "questions_per_s": n / st["median_s"], "same_tokens": same[name]}
-            for name, st in t.items()]
-    base = t["share_prefix=False"]["median_s"]
+             "wall_s": st["wall_s"], "cpu_s": st["cpu_s"] if device.type == "cpu" else None,
+             "questions_per_s": n / st[clock], "same_tokens": same[name]} for name, st in t.items()]
+    base = t["share_prefix=False"][clock]
     for r in rows:
-        r["speedup_vs_off"] = base / r["median_s"]
+        r["speedup_vs_off"] = base / (r[clock])
     return rows
+
+
+def _timed(fns: dict, device, reps: int) -> dict[str, dict]:
+    """Median wall and process CPU seconds per implementation: one warm-up each, then ``reps`` interleaved
+    rounds (the order rotating each round)."""
+    import statistics
+    import time
+
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    wall: dict[str, list] = {n: [] for n in names}
+    cpu: dict[str, list] = {n: [] for n in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            fns[name]()
+            sync(device)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {n: {"wall_s": statistics.median(wall[n]), "cpu_s": statistics.median(cpu[n])} for n in names}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--config", default=None, help="cpu-small | tiny | 3b | 7b (default: cpu-small on CPU, 3b on CUDA)")
-    ap.add_argument("--images", type=int, default=None, help="images per case (default 6 CPU, 32 CUDA)")
+    ap.add_argument("--images", type=int, default=None, help="images per case (default 4 CPU, 32 CUDA)")
     ap.add_argument("--k", default="1,3,5", help="questions per image, comma-separated")
     ap.add_argument("--px", type=int, default=448)
     ap.add_argument("--batch-size", type=int, default=None, help="questions per batch (default 15 CPU, 60 CUDA)")
     ap.add_argument("--max-new-tokens", type=int, default=6)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
@@ -132,7 +158,7 @@ def main(argv=None):
     cuda = device.type == "cuda"
     name = a.config or ("3b" if cuda else "cpu-small")
     dtype = torch.bfloat16 if cuda else torch.float32
-    n_images = a.images or (32 if cuda else 6)
+    n_images = a.images or (32 if cuda else 4)
     bs = a.batch_size or (60 if cuda else 15)
     ours, hf = build(name, device, dtype, need_hf=not a.skip_hf)
     rows = []
@@ -140,12 +166,15 @@ def main(argv=None):
         rows += run_case(ours, hf, n_images, k, a.px, bs, a.max_new_tokens, device, a.reps, a.seed)
         sync(device)
     meta = {**header(device), "config": name, "dtype": str(dtype).replace("torch.", ""), "reps": a.reps,
-            "max_new_tokens": a.max_new_tokens, "torch_threads": torch.get_num_threads()}
+            "max_new_tokens": a.max_new_tokens, "torch_threads": torch.get_num_threads(),
+            "speedups_from": "process CPU time" if device.type == "cpu" else "wall time (CUDA-synchronised)",
+            "command": "python bench/bench_prefix.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     print(f"## Shared prefixes: {meta['device']}, {meta['date']}, commit {meta['commit']}, {name} ({meta['dtype']}), "
-          f"{a.max_new_tokens} new tokens")
-    print(markdown_table(rows, [("case", "case"), ("impl", "impl"), ("median_s", "median s"),
-                                ("questions_per_s", "questions/s"), ("speedup_vs_off", "x vs off"),
-                                ("same_tokens", "same tokens as off")]))
+          f"{a.max_new_tokens} new tokens, {meta['torch_threads']} torch thread(s); speedups from "
+          f"{meta['speedups_from']}\n\nCommand: `{meta['command']}`\n")
+    print(markdown_table(rows, [("case", "case"), ("impl", "impl"), ("wall_s", "median wall s"),
+                                ("cpu_s", "median CPU s"), ("questions_per_s", "questions/s"),
+                                ("speedup_vs_off", "x vs off"), ("same_tokens", "same tokens as off")]))
     write_json(a.json, {"meta": meta, "rows": rows})
     return rows
 
