@@ -19,7 +19,7 @@ from .config import ModelConfig, load_generation_eos
 from .generation import generate_tokens
 from .inputs import ModelInputs
 from .outputs import FeatureOutput, GenerateOutput
-from .prefix import PrefixGroups, find_groups, run_shared
+from .prefix import PrefixGroups, find_groups, probe_index, run_shared
 from .rope import rope_index
 from .text import TextModel, run_batch
 from .validation import (check_budget, check_context, check_dtype, check_flag, check_generate_args,
@@ -255,17 +255,20 @@ class QwenBatchedVL(nn.Module):
 
     def _prefix_groups(self, batch: ModelInputs) -> PrefixGroups | None:
         """Rows of ``batch`` sharing a prefix (``prefix.find_groups``), or None when fewer than two rows hold an
-        image or a row's mask has holes. Reads the ids once; probes and fingerprints images only where the ids leave
-        a candidate."""
+        image or a row's mask has holes. One device read brings the ids and a few pixel values of each image;
+        images whose ids and values agree are then fingerprinted in full (a second read, only then)."""
         lay = batch.layout
         if sum(n > 0 for n in lay.images_per_row) < 2 or list(lay.n_real) != lay.lengths:
             return None  # (a mask with holes inside a row: the rows run unshared)
-        pv, grids = batch.pixel_values, lay.image_grids
+        pv, grids, ids = batch.pixel_values, lay.image_grids, batch.input_ids
+        idx = torch.from_numpy(probe_index(grids, pv.shape[1])).to(pv.device)  # (n_images, PROBES)
+        flat = np.array(torch.cat([ids.flatten().double(), pv.flatten()[idx.flatten()].double()]).tolist())
+        host_ids = flat[:ids.numel()].astype(np.int64).reshape(ids.shape)
+        probes = flat[ids.numel():].reshape(idx.shape)
         fp = self.image_cache if self.image_cache is not None else self.caches.fingerprints
         known = self.image_cache.keys(pv, grids) if self.image_cache is not None else None  # the cache needs them
-        return find_groups(batch.input_ids.cpu().numpy(), lay, self.cfg,
-                           probe=lambda which: fp.probes(pv, grids, which),
-                           fingerprint=lambda which: fp.keys(pv, grids, which), known_keys=known)
+        return find_groups(host_ids, lay, self.cfg, probes, lambda which: fp.keys(pv, grids, which),
+                           known_keys=known)
 
     # ------------------------------------------------------------------ decoder: features and generation
     @torch.inference_mode()

@@ -27,20 +27,6 @@ class ImageFingerprints:
         self.model_token = model_token
         self._proj: dict[tuple, torch.Tensor] = {}  # (device, patch_dim) -> (patch_dim, 2) odd int64 multipliers
 
-    def probes(self, pixel_values: torch.Tensor, grids: tuple[tuple[int, int, int], ...], which: list[int],
-               n: int = 4) -> list[bytes]:
-        """Cheap pre-keys of the images ``which``: the grid and ``n`` evenly spaced patch rows of each (one small
-        transfer). Different probes mean different images; equal ones say nothing until ``keys`` compares the
-        whole content."""
-        if not which:
-            return []
-        sizes = [t * h * w for t, h, w in grids]
-        starts = [0, *itertools.accumulate(sizes)]
-        idx = [starts[i] + (k * (sizes[i] - 1)) // max(n - 1, 1) for i in which for k in range(n)]
-        rows = pixel_values[torch.tensor(idx, device=pixel_values.device)].cpu().contiguous()  # (len(which)*n, d)
-        raw = rows.view(torch.uint8).view(len(which), -1).numpy()
-        return [repr(grids[i]).encode() + raw[j].tobytes() for j, i in enumerate(which)]
-
     def keys(self, pixel_values: torch.Tensor, grids: tuple[tuple[int, int, int], ...],
              which: list[int] | None = None) -> list[bytes]:
         """One key per image (or per image of ``which``, in that order). pixel_values: (sum t*h*w, patch_dim)."""

@@ -27,6 +27,8 @@ from .generation import KVCache, prefill_on_cache
 from .inputs import BatchLayout, Grid
 from .text import TextModel, run_batch
 
+PROBES = 64  # pixel values per image compared before a full content fingerprint
+
 
 @dataclass(frozen=True)
 class PrefixGroups:
@@ -93,15 +95,23 @@ def _prefix_ends(row: np.ndarray, n_tokens: list[int], cfg: ModelConfig) -> list
     return out
 
 
-def find_groups(ids: np.ndarray, layout: BatchLayout, cfg: ModelConfig,
-                probe: Callable[[list[int]], list[bytes]], fingerprint: Callable[[list[int]], list[bytes]],
+def probe_index(grids: Sequence[Grid], patch_dim: int, n: int = PROBES) -> np.ndarray:
+    """(n_images, n) indices into the flattened pixel rows: ``n`` values spread evenly over each image."""
+    sizes = np.array([t * h * w * patch_dim for t, h, w in grids], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return starts[:, None] + (np.arange(n)[None, :] * (sizes[:, None] - 1)) // max(n - 1, 1)
+
+
+def find_groups(ids: np.ndarray, layout: BatchLayout, cfg: ModelConfig, probes: np.ndarray,
+                fingerprint: Callable[[list[int]], list[bytes]],
                 known_keys: Sequence[bytes] | None = None) -> PrefixGroups:
     """Group the rows of a validated batch by shared prefix.
 
-    ids: (B, L) host token ids. probe(images) / fingerprint(images): cheap pre-keys / content keys of the
-    given image indices (``image_cache.ImageFingerprints``); ``known_keys``: content keys of all images when the
-    caller has them already (then no probes). Costs one pass over the ids; images are probed only where the ids
-    of two rows agree up to an image block, and fingerprinted only where their probes agree too.
+    ids: (B, L) host token ids. probes: (n_images, k) host values of each image at ``probe_index``: images
+    with other probes differ, equal ones are then compared in full by ``fingerprint(images)`` (content keys of
+    the given images, ``image_cache.ImageFingerprints.keys``), only where the ids of two rows agree up to an
+    image block and their probes agree too. ``known_keys``: content keys of all images when the caller has them
+    already (then the probes are not used).
     """
     B = len(layout.first)
     mu = cfg.vision.merge_unit
@@ -136,11 +146,7 @@ def find_groups(ids: np.ndarray, layout: BatchLayout, cfg: ModelConfig,
 
     keep_shared(lambda b, k: cands[b][k][1])
     if known_keys is None and any(cands):
-        need = images_in_candidates()
-        probes: list[bytes | None] = [None] * len(n_tok)
-        for i, p in zip(need, probe(need)):
-            probes[i] = p
-        keep_shared(with_images(probes))
+        keep_shared(with_images([repr(g).encode() + p.tobytes() for g, p in zip(layout.image_grids, probes)]))
         need = images_in_candidates()
         for i, key in zip(need, fingerprint(need) if need else []):
             keys[i] = key
