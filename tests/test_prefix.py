@@ -121,6 +121,8 @@ def test_padding_sides(models, padding_side):
                             padding_side=padding_side)
     assert _groups(m, x) == (0, -1, 0, 0)
     _compare(m, x, layers=[0, 2, -1])
+    _compare(m, x, layers=[1])  # one layer run: the cache of the shared pass holds one layer
+    _compare(m, x, final_norm=False)
     on = m.generate(x, share_prefix=True, max_new_tokens=N_NEW, eos_token_id=[])
     off = m.generate(x, share_prefix=False, max_new_tokens=N_NEW, eos_token_id=[])
     assert torch.equal(on.sequences, off.sequences)
@@ -143,6 +145,18 @@ def test_hand_built_ids_and_prefix_boundaries(models):
     # row 2 ends with the block: no token left after it; row 3 starts differently
     assert groups.group == (0, 0, -1, -1) and groups.prefix[:2] == (len(head) + 18,) * 2
     _compare(m, x)
+
+
+def test_mask_with_holes_runs_unshared(models):
+    m = models[1]
+    x = m.processor.prepare([[A], [A], [A]], ["one more question?", "two?", "three?"])
+    holed = ModelInputs(**{k: getattr(x, k) for k in x.keys()})
+    holed.attention_mask = x.attention_mask.clone()
+    holed.attention_mask[0, -3] = 0  # a masked token inside row 0's text
+    assert _groups(m, x) == (0, 0, 0) and _groups(m, holed) is None
+    on = m.extract_features(holed, share_prefix=True)
+    off = m.extract_features(holed, share_prefix=False)
+    assert all(torch.equal(a, b) for a, b in zip(on.hidden_states, off.hidden_states))
 
 
 def test_videos_stay_in_the_suffix(models):
