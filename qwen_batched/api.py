@@ -15,6 +15,7 @@ from .generation import generate_tokens
 from .outputs import FeatureOutput, GenerateOutput
 from .rope import rope_index
 from .text import TextModel, run_batch
+from .tp import setup as setup_tp
 from .validation import (check_context, check_devices, check_dtype, check_generate_args, check_ids,
                          check_images, check_videos, resolve_eos, resolve_layers)
 from .vision import VisionTransformer
@@ -40,6 +41,7 @@ class QwenBatchedVL(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.processor = None  # set by the constructors below (BatchedImageProcessor)
+        self.tp = None  # tp.TensorParallel when split across ranks (tp_size > 1)
         self.image_cache = None  # see enable_image_cache
 
     # ------------------------------------------------------------------ constructors
@@ -52,8 +54,12 @@ class QwenBatchedVL(nn.Module):
 
     @classmethod
     def from_config(cls, config_or_name: ModelConfig | str = "tiny", *, device=None, dtype=None, seed: int = 0,
-                    attn_backend: str = "auto") -> "QwenBatchedVL":
-        """A model with random weights (std 0.02 linears/embeddings, unit norms): demos, tests, benchmarks."""
+                    attn_backend: str = "auto", tp_size: int = 1) -> "QwenBatchedVL":
+        """A model with random weights (std 0.02 linears/embeddings, unit norms): demos, tests, benchmarks.
+
+        tp_size > 1 splits it across the ranks of a process group (see ``qwen_batched.tp``): each rank draws the
+        same full weights as one process would and keeps its slices.
+        """
         if isinstance(config_or_name, str):
             cfg = ModelConfig.from_name(config_or_name)
         elif isinstance(config_or_name, ModelConfig):
@@ -62,24 +68,34 @@ class QwenBatchedVL(nn.Module):
             raise TypeError(f"config_or_name must be a ModelConfig or a preset name, got {type(config_or_name).__name__}")
         device = torch.device(device) if device is not None else torch.device("cpu")
         dtype = check_dtype(dtype) or _default_dtype(device, cfg)
+        tp = setup_tp(tp_size, cfg, device, dtype)
+        device = tp.device if tp else device
         model = cls._empty(cfg, device, dtype, attn_backend)
+        full = model.state_dict()
+        if tp:
+            tp.apply(model)
         gen = torch.Generator(device=device).manual_seed(int(seed))
         state = {}
-        for name, p in model.state_dict().items():  # materialise straight on the device, in the target dtype
+        for name, p in full.items():  # materialise straight on the device, in the target dtype
             t = torch.empty(p.shape, device=device, dtype=dtype)
             if p.dim() == 1:  # 1-D weights are norm scales, the rest biases
                 t.fill_(1.0) if name.endswith(".weight") else t.zero_()
             else:
                 t.normal_(0.0, 0.02, generator=gen)
-            state[name] = t
+            state[name] = t if tp is None else tp.shard(name, t).clone()  # a rank keeps only its slice
         if cfg.tie_word_embeddings:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+            emb = state["model.embed_tokens.weight"]
+            state["lm_head.weight"] = emb if tp is None else tp.shard("lm_head.weight", emb)
         return model._take(state, processor_path=None)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device=None, dtype=None,
-                        attn_backend: str = "auto") -> "QwenBatchedVL":
-        """Load a checkpoint directory (``config.json`` + safetensors, single file or sharded)."""
+                        attn_backend: str = "auto", tp_size: int = 1) -> "QwenBatchedVL":
+        """Load a checkpoint directory (``config.json`` + safetensors, single file or sharded).
+
+        tp_size > 1 (under torchrun, or with a process group set up): split across tp_size ranks, each reading
+        only its slices of the files (see ``qwen_batched.tp``); device 'cuda' means ``cuda:LOCAL_RANK``.
+        """
         from .loading import load_state_dict
 
         if not isinstance(path, (str, os.PathLike)):
@@ -94,8 +110,13 @@ class QwenBatchedVL(nn.Module):
             cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + eos)))
         device = torch.device(device) if device is not None else torch.device("cpu")
         dtype = check_dtype(dtype) or _default_dtype(device, cfg)
+        tp = setup_tp(tp_size, cfg, device, dtype)
+        device = tp.device if tp else device
         model = cls._empty(cfg, device, dtype, attn_backend)
-        return model._take(load_state_dict(path, model, device=device, dtype=dtype), processor_path=path)
+        if tp:
+            tp.apply(model)
+        state = load_state_dict(path, model, device=device, dtype=dtype, select=tp.select if tp else None)
+        return model._take(state, processor_path=path)
 
     @classmethod
     def from_hf(cls, hf_model, *, attn_backend: str = "auto") -> "QwenBatchedVL":
@@ -115,7 +136,7 @@ class QwenBatchedVL(nn.Module):
         from .processor import load_processor
 
         self.load_state_dict(state, strict=True, assign=True)
-        if self.cfg.tie_word_embeddings:
+        if self.cfg.tie_word_embeddings and self.tp is None:  # under TP lm_head is a view of its vocab slice
             self.lm_head.weight = self.model.embed_tokens.weight
         self.eval().requires_grad_(False)
         self.processor = load_processor(processor_path, self.cfg)
@@ -143,9 +164,14 @@ class QwenBatchedVL(nn.Module):
         With the image cache enabled, only cache misses are encoded (duplicates in the batch once).
         """
         if self.image_cache is None or return_pre_merger:
-            return self.visual(pixel_values, image_grid_thw, backend=self.attn_backend,
-                               return_pre_merger=return_pre_merger)
+            return self._visual(pixel_values, image_grid_thw, return_pre_merger=return_pre_merger)
         return self._encode_cached(pixel_values, image_grid_thw)
+
+    def _visual(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, return_pre_merger: bool = False):
+        """The vision tower; under tensor parallelism the images are split across the ranks and all-gathered."""
+        if self.tp is not None:
+            return self.tp.encode_images(self.visual, pixel_values, grid_thw, self.attn_backend, return_pre_merger)
+        return self.visual(pixel_values, grid_thw, backend=self.attn_backend, return_pre_merger=return_pre_merger)
 
     def enable_image_cache(self, max_bytes: int = 1 << 30) -> None:
         """Cache vision embeddings per image (keyed by pixel hash, grid, model), LRU bounded by ``max_bytes``."""
@@ -174,7 +200,7 @@ class QwenBatchedVL(nn.Module):
         if todo:
             first = list(todo.values())
             sel = torch.cat([torch.arange(starts[i], starts[i] + rows[i]) for i in first]).to(pixel_values.device)
-            enc = self.visual(pixel_values.index_select(0, sel), image_grid_thw[first], backend=self.attn_backend)
+            enc = self._visual(pixel_values.index_select(0, sel), image_grid_thw[first])
             fresh = dict(zip(todo, enc.split([rows[i] // mu for i in first])))
             for k, v in fresh.items():
                 cache.put(k, v)
@@ -317,6 +343,8 @@ class QwenBatchedVL(nn.Module):
         if vgrid is not None:
             rows.pixel_values_videos, rows.video_grid_thw = pixel_values_videos.to(dev), vgrid.to(dev)
             rows.second_per_grid_ts = None if seconds is None else seconds.to(dev)
+        if self.tp is not None:
+            self.tp.check_same_inputs(rows.input_ids, 0 if grid is None else rows.pixel_values.shape[0])
         return rows
 
     def _slicer(self, batch: Rows) -> RowSlicer:
@@ -331,11 +359,11 @@ class QwenBatchedVL(nn.Module):
             return (None if grid is None else self.encode_images(rows.pixel_values, grid)), None
         if grid is not None and self.image_cache is not None:
             return (self.encode_images(rows.pixel_values, grid),
-                    self.visual(rows.pixel_values_videos, vgrid, backend=self.attn_backend))
+                    self._visual(rows.pixel_values_videos, vgrid))
         if grid is None:
-            return None, self.visual(rows.pixel_values_videos, vgrid, backend=self.attn_backend)
+            return None, self._visual(rows.pixel_values_videos, vgrid)
         pv = torch.cat([rows.pixel_values, rows.pixel_values_videos.to(rows.pixel_values.dtype)])
-        both = self.visual(pv, torch.cat([grid, vgrid]), backend=self.attn_backend)
+        both = self._visual(pv, torch.cat([grid, vgrid]))
         n_img = rows.pixel_values.shape[0] // self.cfg.vision.merge_unit
         return both[:n_img], both[n_img:]
 
