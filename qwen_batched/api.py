@@ -388,5 +388,9 @@ class QwenBatchedVL(nn.Module):
                                image_mask=image_mask, vision_embeds=vision, video_embeds=video)
 
     def _free_memory(self) -> None:
+        """Called before a sub-batch that ran out of memory is retried as two halves."""
+        if self.tp is not None:  # the other ranks are inside this sub-batch's collectives: they cannot follow
+            raise RuntimeError("a sub-batch ran out of device memory under tensor parallelism, where a rank cannot "
+                               "retry alone; pass a smaller max_batch_tokens")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

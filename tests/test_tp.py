@@ -159,3 +159,17 @@ def test_split_images_balances_patches_in_order():
     assert split_images([100, 100, 100, 100], 4) == [0, 1, 2, 3, 4]
     assert split_images([50], 2) == [0, 1, 1]  # fewer images than ranks: a rank gets none
     assert split_images([10, 10, 10], 1) == [0, 3]
+
+
+def test_out_of_memory_is_not_retried_under_tp():
+    """One rank halving a sub-batch alone would desynchronise the group's collectives: raise instead."""
+    from qwen_batched.batching import run_ranges
+
+    def oom(s, e):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    model = QwenBatchedVL.from_config("tiny")
+    assert run_ranges([(0, 2)], lambda s, e: (s, e), model._free_memory) == [((0, 2), (0, 2))]
+    model.tp = object()  # stands for a TensorParallel: only its presence matters here
+    with pytest.raises(RuntimeError, match="smaller max_batch_tokens"):
+        run_ranges([(0, 2)], oom, model._free_memory)
