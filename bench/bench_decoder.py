@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import fmt_mem, header, markdown_table, peak_memory, time_fns, write_json  # noqa: E402
 from qwen_batched import QwenBatchedVL  # noqa: E402
 from qwen_batched.config import ModelConfig  # noqa: E402
+from tests.helpers import hf_config_dict  # noqa: E402
 
 
 def build(args, device, dtype):
@@ -34,7 +35,7 @@ def build(args, device, dtype):
                                                                 attn_implementation=args.hf_attn).to(device)
     else:
         cfg = ModelConfig.from_name(args.config)
-        hf_cfg = Qwen2_5_VLConfig(**cfg.to_hf_dict())
+        hf_cfg = Qwen2_5_VLConfig(**hf_config_dict(cfg))
         hf_cfg._attn_implementation = args.hf_attn
         torch.manual_seed(0)
         with torch.device(device):

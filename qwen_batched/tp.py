@@ -123,40 +123,40 @@ class TensorParallel:
         model.tp = self
 
     # ------------------------------------------------------------ vision, data-parallel
-    def encode_images(self, visual: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
-                      backend: str, return_pre_merger: bool = False) -> torch.Tensor:
-        """``visual(pixel_values, image_grid_thw)`` with the images split across the group and all-gathered.
+    def encode_images(self, encode, pixel_values: torch.Tensor, grids: tuple, vision_cfg, dtype: torch.dtype,
+                      return_pre_merger: bool = False) -> torch.Tensor:
+        """``encode(pixel_values, grids)`` (the vision tower) with the images split across the group, all-gathered.
 
-        pixel_values (sum t*h*w, C*T*P*P), image_grid_thw (n, 3) -> (sum t*h*w/mu, out) (or (sum t*h*w, hidden)
-        with ``return_pre_merger``), the same rows as one process computes, on every rank.
+        pixel_values (sum t*h*w, C*T*P*P) on the device, grids: host (t, h, w) per image. Returns what ``encode``
+        returns for the whole batch, (sum t*h*w/mu, out) (or (sum t*h*w, hidden) with ``return_pre_merger``), on
+        every rank.
         """
-        visual.check_pixels(pixel_values)
-        grids = visual.validate_grids(image_grid_thw, pixel_values.shape[0])
         patches = [t * h * w for t, h, w in grids]
         cuts = split_images(patches, self.size)
         starts = [0, *itertools.accumulate(patches)]
-        div = 1 if return_pre_merger else visual.cfg.merge_unit
+        div = 1 if return_pre_merger else vision_cfg.merge_unit
         counts = [(starts[cuts[k + 1]] - starts[cuts[k]]) // div for k in range(self.size)]  # output rows per rank
+        width = vision_cfg.hidden_size if return_pre_merger else vision_cfg.out_hidden_size
         lo, hi = cuts[self.rank], cuts[self.rank + 1]
-        w = visual.patch_embed.proj.weight
-        width = visual.cfg.hidden_size if return_pre_merger else visual.cfg.out_hidden_size
         if hi > lo:
-            mine = visual(pixel_values[starts[lo]:starts[hi]], image_grid_thw[lo:hi], backend=backend,
-                          return_pre_merger=return_pre_merger)
+            mine = encode(pixel_values[starts[lo]:starts[hi]], tuple(grids[lo:hi]))
         else:  # fewer images than ranks
-            mine = torch.empty(0, width, device=w.device, dtype=w.dtype)
+            mine = torch.empty(0, width, device=pixel_values.device, dtype=dtype)
         most = max(counts)
         mine = F.pad(mine, (0, 0, 0, most - mine.shape[0]))  # all_gather wants equal shapes
         g = _funcol().all_gather_single(mine, 0, self.group).view(self.size, most, width)
         return torch.cat([g[k, :c] for k, c in enumerate(counts)])
 
     # ------------------------------------------------------------ inputs
+    def from_first(self, x: torch.Tensor) -> torch.Tensor:
+        """The group's first rank's ``x`` on every rank."""
+        return _funcol().all_gather_single(x.contiguous(), 0, self.group).view(self.size, *x.shape)[0]
+
     def check_same_inputs(self, input_ids: torch.Tensor, n_pixel_rows: int) -> None:
         """Every rank must run the same batch; a mismatch would silently mix rows. One small all-gather."""
         ids = input_ids.long()
         weights = torch.arange(ids.numel(), device=ids.device).view_as(ids) % 65521 + 1
-        mine = torch.stack([torch.tensor(ids.shape[0], device=ids.device), torch.tensor(ids.shape[1], device=ids.device),
-                            torch.tensor(n_pixel_rows, device=ids.device), (ids * weights).sum()])
+        mine = torch.cat([torch.tensor([*ids.shape, n_pixel_rows], device=ids.device), (ids * weights).sum()[None]])
         every = _funcol().all_gather_single(mine, 0, self.group).view(self.size, 4)
         if bool((every != every[:1]).any()):
             raise ValueError(f"tensor-parallel ranks got different inputs (batch, length, pixel rows, id checksum "

@@ -4,6 +4,7 @@ The distributed part is one torchrun launch (``tests/tp_worker.py``) shared by t
 fixture; the rest runs in this process.
 """
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 
 from qwen_batched import QwenBatchedVL
 from qwen_batched.tp import check_tp_size, split_images
-from tests.helpers import build_batch, make_hf_model, tiny_model_config
+from tests.helpers import build_batch, hf_config_dict, make_hf_model, tiny_model_config
 
 TOL = 1e-5
 WORKER = os.path.join(os.path.dirname(__file__), "tp_worker.py")
@@ -88,6 +89,7 @@ def test_generation_matches_one_process(run, single):
     for out in ranks:
         assert torch.equal(out["greedy"], greedy)
         assert torch.equal(out["sampled"], sampled)
+    assert torch.equal(ranks[0]["unseeded"], ranks[1]["unseeded"])  # no seed: the first rank's draw
     config_model = QwenBatchedVL.from_config("tiny", seed=3)
     ref = config_model.generate(**inputs_of(batch), max_new_tokens=4, eos_token_id=[]).sequences
     assert all(torch.equal(out["config_logits"], ref) for out in ranks)
@@ -146,7 +148,7 @@ def test_no_process_group_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="launch under torchrun"):
         QwenBatchedVL.from_config("tiny", tp_size=2)
     cfg = tiny_model_config()
-    (tmp_path / "config.json").write_text(__import__("json").dumps(cfg.to_hf_dict()))  # no weights at all
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(cfg)))  # no weights at all
     with pytest.raises(RuntimeError, match="launch under torchrun"):
         QwenBatchedVL.from_pretrained(tmp_path, tp_size=2)
     with pytest.raises(ValueError, match="num_key_value_heads"):

@@ -43,6 +43,8 @@ def main(work: str) -> None:
     out["greedy"] = model.generate(**inputs, max_new_tokens=6, eos_token_id=[]).sequences
     out["sampled"] = model.generate(**inputs, max_new_tokens=6, eos_token_id=[], temperature=1.0, top_k=50,
                                     seed=123).sequences
+    torch.manual_seed(rank)  # no seed: the ranks must still agree
+    out["unseeded"] = model.generate(**inputs, max_new_tokens=6, eos_token_id=[], temperature=1.0).sequences
     out["budget"] = model.extract_features(**inputs, layers=[2, -1], max_batch_tokens=64).hidden_states
     model.enable_image_cache()
     model.extract_features(**inputs, layers=[1])
