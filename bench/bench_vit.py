@@ -186,6 +186,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--scaling", action="store_true", help="also sweep image count and size")
     ap.add_argument("--no-per-image", action="store_true", help="skip the HF per-image baseline")
+    ap.add_argument("--case", action="append", default=None, help="run only these cases (by name; repeatable)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -193,8 +194,14 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg = vision_config(cfg_name)
     hf, ours = build(cfg, device, dtype)
+    todo = cases(device.type, cfg)
+    if args.case:
+        unknown = set(args.case) - set(todo)
+        if unknown:
+            ap.error(f"unknown --case {sorted(unknown)}; cases here: {list(todo)}")
+        todo = {k: v for k, v in todo.items() if k in args.case}
     rows = [run_case(name, grids, hf, ours, cfg, device, dtype, args.reps, per_image=not args.no_per_image)
-            for name, grids in cases(device.type, cfg).items()]
+            for name, grids in todo.items()]
     meta = {**header(device), "config": cfg_name, "dtype": str(dtype).replace("torch.", ""), "reps": args.reps,
             "timing": "median wall time after warm-up, implementations interleaved, CUDA-synchronised"}
     print(f"## Vision tower: {meta['device']}, {cfg_name}, {meta['dtype']}, {meta['date']}, commit {meta['commit']}")
