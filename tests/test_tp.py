@@ -34,6 +34,7 @@ def run(tmp_path_factory):
     make_hf_model(dataclasses.replace(cfg, tie_word_embeddings=True), seed=5).save_pretrained(work / "tied")
     batch = build_batch(cfg)
     torch.save(batch, work / "batch.pt")
+    write_questions(work)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -42,6 +43,20 @@ def run(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     ranks = [torch.load(work / f"rank{r}.pt") for r in range(2)]
     return work, batch, ranks
+
+
+def write_questions(work):
+    """Five questions over images of different sizes, one image missing."""
+    from PIL import Image
+
+    (work / "images").mkdir()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i, (w, h) in enumerate([(56, 84), (140, 112), (28, 28), (200, 120), (84, 56)]):
+        pixels = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(work / "images" / f"{i}.png")
+        rows.append({"question_id": i, "image": f"{i}.png" if i != 2 else "missing.png", "text": f"What is {i}?"})
+    (work / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def inputs_of(batch):
@@ -128,7 +143,44 @@ def test_bad_setups_are_clear_errors_on_every_rank(run):
         assert "different inputs" in out["err_inputs"]
 
 
+def test_answer_job_with_tp_size_2_writes_what_one_process_writes(run, single):
+    from qwen_batched import jobs
+    from tests.tp_worker import JOB_FLAGS
+
+    work, _, ranks = run
+    assert [out["job_rc"] for out in ranks] == [0, 0]
+    jobs.main(["answer", "--model", str(work / "plain"), "--questions", str(work / "q.jsonl"), "--image-folder",
+               str(work / "images"), "--answers", str(work / "answers-1.jsonl"), *JOB_FLAGS], model=single)
+
+    def rows(name):
+        lines = (work / name).read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "answer_id"} for x in lines]
+
+    tp, one = rows("answers-tp.jsonl"), rows("answers-1.jsonl")
+    assert [r["question_id"] for r in tp] == list(range(5)) and "error" in tp[2]
+    assert tp == one
+    shards = os.listdir(work / "answers-tp.jsonl.parts")
+    assert shards and all("-r00000-" in f for f in shards if f.startswith("answers-"))  # the replica's first rank
+
+
 # ---------------------------------------------------------------------------------------------- in-process
+def test_job_ranks_form_replicas_of_tp_size(monkeypatch):
+    from qwen_batched.jobs.run import Dist
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    for rank, replica, writes in ((0, 0, True), (1, 0, False), (2, 1, True), (3, 1, False)):
+        monkeypatch.setenv("RANK", str(rank))
+        d = Dist(tp_size=2)
+        assert (d.replicas, d.replica, d.writes) == (2, replica, writes)
+    with pytest.raises(SystemExit, match="--tp-size 3 must be >= 1 and divide the number of ranks 4"):
+        Dist(tp_size=3)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit, match="--tp-size 2 must"):
+        Dist(tp_size=2)
+
+
+
 def test_tp_size_checked_against_the_model_before_anything():
     cfg = tiny_model_config()  # 4 heads, 2 KV heads
     for bad in (0, -1, 1.5, True, "2"):

@@ -1,7 +1,8 @@
 """One rank of the tensor-parallel test (launched by tests/test_tp.py under torchrun, gloo, 2 processes).
 
-argv: work directory holding ``plain/`` and ``tied/`` checkpoints and ``batch.pt``. Writes ``rank{r}.pt``:
-every output the test compares with one process, and the message of each bad set-up's error.
+argv: work directory holding ``plain/`` and ``tied/`` checkpoints, ``batch.pt`` and a question file ``q.jsonl``
+over ``images/``. Writes ``rank{r}.pt``: every output the test compares with one process, and the message of each
+bad set-up's error; and ``answers-tp.jsonl`` from the answer job.
 """
 import dataclasses
 import sys
@@ -9,8 +10,12 @@ import sys
 import torch
 import torch.distributed as dist
 
-from qwen_batched import QwenBatchedVL
+from qwen_batched import QwenBatchedVL, jobs
 from qwen_batched.config import tiny_config
+
+
+JOB_FLAGS = ("--max-new-tokens", "8", "--no-progress", "--batch-size", "2", "--temperature", "1.0", "--seed", "3",
+             "--workers", "0")
 
 
 def error_of(fn) -> str:
@@ -69,6 +74,10 @@ def main(work: str) -> None:
         "tiny", tp_size=2, dtype=torch.float32 if rank == 0 else torch.bfloat16))
     out["err_device"] = error_of(lambda: QwenBatchedVL.from_config(
         "tiny", tp_size=2, device="cpu" if rank == 0 else "meta"))
+    # the answer job with one tensor-parallel replica of 2 ranks (the process group is already up)
+    out["job_rc"] = jobs.main(["answer", "--model", f"{work}/plain", "--questions", f"{work}/q.jsonl",
+                               "--image-folder", f"{work}/images", "--answers", f"{work}/answers-tp.jsonl",
+                               "--tp-size", "2", *JOB_FLAGS])
     torch.save(out, f"{work}/rank{rank}.pt")
     dist.destroy_process_group()
 
