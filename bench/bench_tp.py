@@ -96,8 +96,8 @@ def make_batch(cfg: ModelConfig, n: int = 4, px: int = 224, n_text: int = 64, se
     side = px // cfg.vision.patch_size
     block = [cfg.vision_start_token_id] + [cfg.image_token_id] * (side * side // cfg.vision.merge_unit) \
         + [cfg.vision_end_token_id]
-    ids = torch.stack([torch.cat([torch.randint(0, 1000, (n_text // 2,), generator=g), torch.tensor(block),
-                                  torch.randint(0, 1000, (n_text // 2,), generator=g)]) for _ in range(n)])
+    ids = torch.stack([torch.cat([torch.randint(0, 256, (n_text // 2,), generator=g), torch.tensor(block),
+                                  torch.randint(0, 256, (n_text // 2,), generator=g)]) for _ in range(n)])
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), image_grid_thw=torch.tensor([[1, side, side]] * n),
                 pixel_values=torch.randn(n * side * side, cfg.vision.patch_dim, generator=g))
 
