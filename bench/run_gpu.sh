@@ -53,8 +53,9 @@ quick() {
     printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$tmp/parts.tsv"
   }
   if [ "$DEVICE" = cuda ]; then
-    part tests 200 "$PY" -m pytest -q -x tests/test_gpu_vision.py tests/test_gpu_decoder.py tests/test_gpu_processor.py \
-      tests/test_kernels.py tests/test_kernels_fused.py $(ls tests/test_gpu_step.py 2>/dev/null)
+    part tests 200 "$PY" -m pytest -q -rfE -s -p no:cacheprovider tests/test_gpu_vision.py tests/test_gpu_decoder.py \
+      tests/test_gpu_processor.py tests/test_kernels.py tests/test_kernels_fused.py tests/test_packed_paths.py \
+      $(ls tests/test_gpu_step.py 2>/dev/null)
   else
     part tests 200 "$PY" -m pytest -q -x tests/test_kernels_fused.py -k "argument_error or falls_back"
   fi
@@ -84,6 +85,7 @@ PYEOF
 }
 
 rc=0
+touch /tmp/run_gpu.start
 case "$MODE" in
   quick) quick || rc=$? ;;
   tests) "$PY" -m pytest -q -s tests/test_gpu_vision.py tests/test_gpu_decoder.py tests/test_gpu_processor.py \
@@ -93,5 +95,7 @@ case "$MODE" in
   all) "$0" tests || rc=$?; "$0" deviation || rc=$?; "$0" speed || rc=$? ;;
   *) echo "usage: $0 [quick|tests|deviation|speed|all] [--device cuda|cpu]" >&2; exit 2 ;;
 esac
-if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/results" && cp -r bench/results/. "$OUT/results/"; fi
+if [ -n "${OUT:-}" ]; then  # only what this run wrote (the device tool brings back a few files)
+  mkdir -p "$OUT/results" && find bench/results -type f -newer /tmp/run_gpu.start -exec cp {} "$OUT/results/" \;
+fi
 exit $rc
