@@ -30,8 +30,13 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-"$PY" -c "import qwen_batched.kernels" 2>/dev/null || \
-  "$PY" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+if ! "$PY" -c "import qwen_batched.kernels" 2>/dev/null; then
+  # not installed (an offline machine cannot build an editable install): import the source tree, with kernels/
+  # reachable as qwen_batched.kernels through an ignored link
+  [ -e qwen_batched/kernels ] || ln -s ../kernels qwen_batched/kernels
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export QWEN_BATCHED_COMMIT=${QWEN_BATCHED_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 if [ "$DEVICE" = cuda ]; then
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
   export TRITON_INTERPRET=0
