@@ -201,8 +201,8 @@ def run_shared(text: TextModel, h: torch.Tensor, position_ids: torch.Tensor, gro
     if cache is None:
         n_layers = len(text.layers) if depth is None else depth
         cfg = text.cfg
-        cache = KVCache(n_layers, M, cfg.num_key_value_heads, max(lengths[b] for b in members), cfg.head_dim,
-                        dev, h.dtype)
+        n_kv = text.layers[0].self_attn.n_kv  # this rank's KV heads under tensor parallelism
+        cache = KVCache(n_layers, M, n_kv, max(lengths[b] for b in members), cfg.head_dim, dev, h.dtype)
         cache_row = {b: i for i, b in enumerate(members)}
     else:
         cache_row = {b: b for b in range(B)}

@@ -255,10 +255,10 @@ def test_make_plan_keeps_an_image_set_on_one_rank():
     est = lambda it: (100 + 10 * (it.index % 3), 0)  # noqa: E731
 
     class TwoRanks:
-        world, enabled = 2, True
+        world, replicas, enabled = 2, 2, True
 
         def __init__(self, rank):
-            self.rank = rank
+            self.rank = self.replica = rank
 
         def all_gather(self, obj):
             return [obj, {i: est(items[i])[0] for i in range(len(items))}]
