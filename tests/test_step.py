@@ -175,6 +175,18 @@ def test_bad_inputs_fail_before_any_work(models, monkeypatch):
     assert not encoded
 
 
+def test_example_step(capsys):
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("example", os.path.join(os.path.dirname(__file__), "..", "example.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--step", "--batch", "2", "--cameras", "2", "--size", "84", "--iters", "2"])
+    out = capsys.readouterr().out
+    assert "image tokens per sample: 18" in out and "ms per step" in out
+
+
 # ---------------------------------------------------------------------------------------------- CUDA
 @pytest.fixture(scope="module")
 def cuda_model():
