@@ -13,6 +13,7 @@ the same lengths: no tokenizer.json needed).
 
   python bench/bench_step.py                                   # CPU
   python bench/bench_step.py --device cuda --config 3b --json bench/results/step.json
+  python bench/bench_step.py --device cuda --model /path/to/Qwen2.5-VL-3B-Instruct
 """
 from __future__ import annotations
 
@@ -32,7 +33,18 @@ from qwen_batched import QwenBatchedVL  # noqa: E402
 from qwen_batched.config import ModelConfig, tiny_config  # noqa: E402
 
 CASES = {"a": (3, 224, 224), "b": (2, 480, 640)}  # cameras, height, width
-INSTRUCTION = "pick up the cube"  # 16 byte-level tokens
+WORDS = "pick up the cube and put it in the green bowl on the left side of the table then open the drawer".split()
+
+
+def instruction(tokenizer, n: int = 16) -> str:
+    """The longest prefix of WORDS with at most ``n`` tokens (exactly 16 with the byte-level tokenizer)."""
+    text = ""
+    for k in range(1, len(WORDS) + 1):
+        longer = " ".join(WORDS[:k])
+        if len(tokenizer.encode(longer)) > n:
+            break
+        text = longer
+    return text
 
 
 def model_config(name: str) -> ModelConfig:
@@ -45,10 +57,18 @@ def model_config(name: str) -> ModelConfig:
     return byte_vocab_config(ModelConfig.from_name(name))
 
 
-def build(cfg: ModelConfig, device, dtype, hf_attn: str):
-    """The transformers model (random init) and ours sharing its tensors, with a byte-level prompt tokenizer."""
+def build(cfg: ModelConfig | None, device, dtype, hf_attn: str, path: str | None = None):
+    """The transformers model (random init from ``cfg``, or the checkpoint at ``path``) and ours sharing its
+    tensors; a random-weight model gets a byte-level prompt tokenizer."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    if path:
+        from qwen_batched.processor import load_processor
+
+        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=hf_attn)
+        ours = QwenBatchedVL.from_hf(hf.to(device).eval().requires_grad_(False))
+        ours.processor = load_processor(path, ours.cfg)
+        return hf, ours
     hf_cfg = Qwen2_5_VLConfig(**cfg.to_hf_dict())
     hf_cfg._attn_implementation = hf_attn
     torch.manual_seed(0)
@@ -86,11 +106,12 @@ def run_case(name: str, B: int, hf, ours, hf_proc, device, reps: int, warmup: in
     N, H, W = CASES[name]
     g = torch.Generator().manual_seed(B)
     frames = torch.randint(0, 256, (B, N, 3, H, W), generator=g, dtype=torch.uint8).to(device)
-    texts = [INSTRUCTION] * B
+    texts = [instruction(ours.processor.tokenizer)] * B
     step = ours.feature_step(B, N, H, W, texts=texts, max_text_tokens=16)
     fns = {"step": lambda: step(frames),
            "extract_features": lambda: ours.extract_features(images=frames, texts=texts, layers=[-1])}
-    row = {"case": f"({name}) B={B}, {N} x {H}x{W}", "tokens": step.length}
+    row = {"case": f"({name}) B={B}, {N} x {H}x{W}", "tokens": step.length,
+           "text_tokens": len(ours.processor.tokenizer.encode(texts[0]))}
     if compile:
         compiled = ours.feature_step(B, N, H, W, texts=texts, max_text_tokens=16, compile=True)
         t0 = time.perf_counter()
@@ -148,6 +169,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="timed steps per implementation (default 30 CUDA, "
                                                            "10 CPU at B=1, 3 CPU otherwise)")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled step")
+    ap.add_argument("--model", default=None, help="checkpoint directory (instead of random weights)")
     ap.add_argument("--hf-attn", default="sdpa")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -155,7 +177,9 @@ def main(argv=None):
     cuda = device.type == "cuda"
     config = args.config or ("3b" if cuda else "cpu-small")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    hf, ours = build(model_config(config), device, dtype, args.hf_attn)
+    if args.model:
+        config = args.model
+    hf, ours = build(None if args.model else model_config(config), device, dtype, args.hf_attn, args.model)
     hf_proc = hf_image_processor()
     rows = []
     for name in args.cases.split(","):

@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import fmt_mem, markdown_table  # noqa: E402
 
 TITLES = {"processor": "Processor (images -> model inputs)", "vit": "Vision tower",
-          "decoder": "Decoder: features and generation", "cache": "Per-image embedding cache (extract_features)"}
+          "decoder": "Decoder: features and generation", "cache": "Per-image embedding cache (extract_features)",
+          "step": "Real-time feature step (model.feature_step)"}
 
 
 def _readable(rows: list[dict]) -> list[dict]:

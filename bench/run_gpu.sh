@@ -11,7 +11,7 @@ PY=${PY:-python3}
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
 case "${1:-all}" in
-  tests) "$PY" -m pytest -q -s tests/test_gpu_vision.py tests/test_gpu_decoder.py tests/test_gpu_processor.py \
+  tests) "$PY" -m pytest -q -s tests/test_gpu_vision.py tests/test_gpu_decoder.py tests/test_gpu_processor.py tests/test_step.py \
            tests/test_kernels.py tests/test_processor.py ;;
   deviation) PY="$PY" bash bench/test_deviation.sh --device cuda --config 3b ;;
   speed) PY="$PY" bash bench/test_speed.sh --device cuda ;;
