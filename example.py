@@ -84,7 +84,7 @@ def main(argv=None):
         model = QwenBatchedVL.from_config("tiny", device=args.device, dtype=args.dtype, seed=0)
         print("model: embedded default 'tiny' -- RANDOM WEIGHTS, real Qwen2.5-VL geometry at a small width.\n"
               "       Its generated text is meaningless; use --model PATH for a real checkpoint.")
-    print(f"device: {model.device}, dtype: {model.dtype}, attention backend: {model._text_kernel()}")
+    print(f"device: {model.device}, dtype: {model.dtype}, attention backend: {model.backend}")
     if args.step:
         return run_step(model, args)
 

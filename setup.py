@@ -8,9 +8,10 @@ setup(
     package_dir={"qwen_batched.kernels": "kernels"},
     package_data={"qwen_batched.configs": ["*.json", "*.jinja"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.5", "transformers", "einops", "safetensors", "numpy", "pillow", "tokenizers", "jinja2"],
+    # what the package imports at run time; transformers is the reference in the tests, never a runtime import
+    install_requires=["torch>=2.5", "safetensors", "numpy", "pillow", "tokenizers", "jinja2", "huggingface_hub"],
     extras_require={
-        "test": ["pytest", "triton", "tokenizers"],
+        "test": ["pytest", "triton", "transformers"],
         "bench": ["matplotlib"],
         "flash": ["flash-attn"],
     },

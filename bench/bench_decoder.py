@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import fmt_mem, header, markdown_table, peak_memory, time_fns, write_json  # noqa: E402
 from qwen_batched import QwenBatchedVL  # noqa: E402
 from qwen_batched.config import ModelConfig  # noqa: E402
+from tests.helpers import hf_config_dict  # noqa: E402
 
 
 def build(args, device, dtype):
@@ -34,7 +35,7 @@ def build(args, device, dtype):
                                                                 attn_implementation=args.hf_attn).to(device)
     else:
         cfg = ModelConfig.from_name(args.config)
-        hf_cfg = Qwen2_5_VLConfig(**cfg.to_hf_dict())
+        hf_cfg = Qwen2_5_VLConfig(**hf_config_dict(cfg))
         hf_cfg._attn_implementation = args.hf_attn
         torch.manual_seed(0)
         with torch.device(device):
@@ -112,9 +113,10 @@ def bench_features(hf, ours, args, device, dtype):
         return [hf.model(**hf_kwargs(hf, s)).last_hidden_state for s in singles]
 
     err = rel_err(run_ours(), run_hf(), b["attention_mask"].bool())
-    return _rows("features (B=8, 4x224x224 + 32 text)", 8, [("ours", run_ours), ("hf batched", run_hf),
-                                                              ("hf per sample", run_hf_single)], args, device,
-                 {"max_rel_err_vs_hf": err})
+    impls = [("ours", run_ours), ("hf batched", run_hf)]
+    if not args.skip_per_sample:
+        impls.append(("hf per sample", run_hf_single))
+    return _rows("features (B=8, 4x224x224 + 32 text)", 8, impls, args, device, {"max_rel_err_vs_hf": err})
 
 
 def bench_generation(hf, ours, args, device, dtype):
@@ -138,7 +140,7 @@ def bench_generation(hf, ours, args, device, dtype):
 
     match = (run_ours() == run_hf()).float().mean().item()
     impls = [("ours", run_ours), ("hf batched", run_hf)]
-    if not args.skip_per_sample_generation:
+    if not (args.skip_per_sample or args.skip_per_sample_generation):
         impls.append(("hf per sample", run_hf_single))
     return _rows(f"generation (B=32, 448x448, {n_new} new)", 32, impls, args, device,
                  {"tokens_equal_hf": match}, new_tokens=32 * n_new)
@@ -174,6 +176,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--compile", action="store_true", help="torch.compile our decode step (CUDA graphs on GPU)")
     p.add_argument("--skip-per-sample-generation", action="store_true")
+    p.add_argument("--skip-per-sample", action="store_true", help="no per-sample transformers baseline at all")
+    p.add_argument("--only", choices=["features", "generation"], default=None, help="run one of the two benchmarks")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.runs < 5:
@@ -182,7 +186,11 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.set_grad_enabled(False)
     hf, ours = build(args, device, dtype)
-    rows = bench_features(hf, ours, args, device, dtype) + bench_generation(hf, ours, args, device, dtype)
+    rows = []
+    if args.only in (None, "features"):
+        rows += bench_features(hf, ours, args, device, dtype)
+    if args.only in (None, "generation"):
+        rows += bench_generation(hf, ours, args, device, dtype)
     meta = {**header(device), "bench": "decoder", "config": args.model or args.config, "dtype": str(dtype),
             "hf_attn": args.hf_attn, "compile": args.compile, "runs": args.runs, "warmup": args.warmup}
     cols = [("bench", "benchmark"), ("impl", "impl"), ("median_s", "median s"), ("samples_per_s", "samples/s"),

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import header, markdown_table, sync, write_json  # noqa: E402
 from qwen_batched import QwenBatchedVL, jobs  # noqa: E402
 from qwen_batched.config import ModelConfig  # noqa: E402
+from tests.helpers import hf_config_dict  # noqa: E402
 
 
 def make_dataset(root: str, n: int, lo: int, hi: int, seed: int) -> tuple[str, str]:
@@ -88,7 +89,7 @@ def build_models(spec: str, device: torch.device, dtype: torch.dtype, need_hf: b
         return ours, hf
     cfg = byte_vocab_config(ModelConfig.from_name(spec))
     torch.manual_seed(0)
-    hf_cfg = Qwen2_5_VLConfig(**cfg.to_hf_dict())
+    hf_cfg = Qwen2_5_VLConfig(**hf_config_dict(cfg))
     hf_cfg._attn_implementation = "flash_attention_2" if device.type == "cuda" and _has_flash() else "sdpa"
     with torch.device(device):
         hf = Qwen2_5_VLForConditionalGeneration(hf_cfg).to(dtype).eval()

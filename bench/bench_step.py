@@ -1,15 +1,17 @@
-"""Real-time feature step benchmark: per-step latency of ``model.feature_step`` (eager and compiled) against
-``extract_features(images=, texts=)`` and transformers, all on the same uint8 frames in one interleaved run.
+"""Real-time feature step benchmark: per-step latency of ``model.feature_step`` (eager; on CUDA also the eager step
+in a CUDA graph; compiled, in a CUDA graph on GPU) against ``extract_features(images=, texts=)`` and
+transformers, all on the same uint8 frames in one interleaved run.
 
 Cases: B = 1 and 8 samples of (a) 3 cameras 224x224 and (b) 2 cameras 480x640, a 16-token instruction, last layer.
 transformers: its default image processor on the same frames (the torchvision one where it imports, else the
 PIL one) + ``model.model(..., output_hidden_states=True)`` (the base model: no LM head over every token), with
 the prompt ids built once outside the timed region. Medians and p90 over --reps steps after warm-up, CUDA
-synchronised around every step; the compiled step's first call (compilation, graph capture) is reported apart.
+synchronised around every step; the first call of the graph / compiled steps (capture, compilation) is reported
+apart (``*_build_s``). --quick: case (a) only, no compiled step, fewer reps.
 
 CPU: a small real-geometry config (the vision tower of bench_vit.py's cpu-small, depth 8, width 256, and a
-4-layer width-256 decoder), float32. CUDA: the 3B shapes with random weights in bf16 (byte-level prompt ids of
-the same lengths: no tokenizer.json needed).
+4-layer width-256 decoder), float32. CUDA: the 3B shapes with random weights in bf16, prompts through the
+byte-level tokenizer (a random-weight preset has no tokenizer.json); --model PATH for a checkpoint.
 
   python bench/bench_step.py                                   # CPU
   python bench/bench_step.py --device cuda --config 3b --json bench/results/step.json
@@ -31,6 +33,7 @@ from bench.bench_vit import CPU_SMALL  # noqa: E402
 from bench.common import header, markdown_table, sync, time_fns, write_json  # noqa: E402
 from qwen_batched import QwenBatchedVL  # noqa: E402
 from qwen_batched.config import ModelConfig, tiny_config  # noqa: E402
+from tests.helpers import hf_config_dict  # noqa: E402
 
 CASES = {"a": (3, 224, 224), "b": (2, 480, 640)}  # cameras, height, width
 WORDS = "pick up the cube and put it in the green bowl on the left side of the table then open the drawer".split()
@@ -69,7 +72,7 @@ def build(cfg: ModelConfig | None, device, dtype, hf_attn: str, path: str | None
         ours = QwenBatchedVL.from_hf(hf.to(device).eval().requires_grad_(False))
         ours.processor = load_processor(path, ours.cfg)
         return hf, ours
-    hf_cfg = Qwen2_5_VLConfig(**cfg.to_hf_dict())
+    hf_cfg = Qwen2_5_VLConfig(**hf_config_dict(cfg))
     hf_cfg._attn_implementation = hf_attn
     torch.manual_seed(0)
     with torch.device(device):
@@ -102,23 +105,29 @@ def real_rel_err(a, mask_a, b, mask_b) -> float:
     return float((x - y).abs().max() / y.abs().max())
 
 
-def run_case(name: str, B: int, hf, ours, hf_proc, device, reps: int, warmup: int, compile: bool) -> dict:
+def run_case(name: str, B: int, hf, ours, hf_proc, device, reps: int, warmup: int, variants: list[str]) -> dict:
+    """One case: the step variants (eager always; 'graph' = the eager step in a CUDA graph, 'compiled' =
+    torch.compile, in a CUDA graph on GPU), extract_features and transformers, timed interleaved."""
     N, H, W = CASES[name]
     g = torch.Generator().manual_seed(B)
     frames = torch.randint(0, 256, (B, N, 3, H, W), generator=g, dtype=torch.uint8).to(device)
     texts = [instruction(ours.processor.tokenizer)] * B
     step = ours.feature_step(B, N, H, W, texts=texts, max_text_tokens=16)
-    fns = {"step": lambda: step(frames),
-           "extract_features": lambda: ours.extract_features(images=frames, texts=texts, layers=[-1])}
     row = {"case": f"({name}) B={B}, {N} x {H}x{W}", "tokens": step.length,
            "text_tokens": len(ours.processor.tokenizer.encode(texts[0]))}
-    if compile:
-        compiled = ours.feature_step(B, N, H, W, texts=texts, max_text_tokens=16, compile=True)
+    fns = {"step": lambda: step(frames),
+           "extract_features": lambda: ours.extract_features(images=frames, texts=texts, layers=[-1])}
+    out = step(frames)
+    for v in variants:  # first call: capture / compilation, timed apart
+        built = ours.feature_step(B, N, H, W, texts=texts, max_text_tokens=16, compile=v == "compiled",
+                                  cuda_graph=True if v == "graph" else None)
         t0 = time.perf_counter()
-        compiled(frames)
+        c = built(frames)
         sync(device)
-        row["compile_s"] = time.perf_counter() - t0
-        fns["step_compiled"] = lambda: compiled(frames)
+        row[f"{v}_build_s"] = time.perf_counter() - t0
+        row[f"err_{v}_vs_eager"] = float((c.hidden_states[0] - out.hidden_states[0]).abs().max()
+                                         / out.hidden_states[0].abs().max())
+        fns[f"step_{v}"] = lambda built=built: built(frames)
 
     inputs = ours.processor.prepare(frames, texts, device=device)  # the prompt ids (not timed)
     images = list(frames.flatten(0, 1).unbind(0))
@@ -136,25 +145,18 @@ def run_case(name: str, B: int, hf, ours, hf_proc, device, reps: int, warmup: in
                             image_grid_thw=px["image_grid_thw"].to(device), output_hidden_states=True)
     fns["transformers"] = f_hf
 
-    out, ref, theirs = step(frames), fns["extract_features"](), f_hf()
+    ref, theirs = fns["extract_features"](), f_hf()
     row["err_vs_extract_features"] = real_rel_err(out.hidden_states[0], out.attention_mask, ref.hidden_states[0],
                                                   ref.attention_mask)
     row["err_vs_transformers"] = real_rel_err(out.hidden_states[0], out.attention_mask, theirs.last_hidden_state,
                                               inputs.attention_mask)  # PIL's resize differs by ~1 uint8 step
-    if compile:
-        c = fns["step_compiled"]()
-        row["err_compiled_vs_eager"] = float((c.hidden_states[0] - out.hidden_states[0]).abs().max()
-                                             / out.hidden_states[0].abs().max())
     t = time_fns(fns, device, warmup=warmup, reps=reps)
     for k, v in t.items():
         row[f"{k}_ms"] = v["median_s"] * 1e3
         row[f"{k}_p90_ms"] = v["p90_s"] * 1e3
-    base = row["step_ms"]
-    row["x_vs_extract_features"] = row["extract_features_ms"] / base
-    row["x_vs_transformers"] = row["transformers_ms"] / base
-    if compile:
-        row["compiled_x_vs_extract_features"] = row["extract_features_ms"] / row["step_compiled_ms"]
-        row["compiled_x_vs_transformers"] = row["transformers_ms"] / row["step_compiled_ms"]
+    for k in [k for k in fns if k.startswith("step")]:
+        row[f"{k}_x_vs_extract_features"] = row["extract_features_ms"] / row[f"{k}_ms"]
+        row[f"{k}_x_vs_transformers"] = row["transformers_ms"] / row[f"{k}_ms"]
     print(markdown_table([row], [(k, k) for k in row]), flush=True)
     return row
 
@@ -167,8 +169,9 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,8", help="batch sizes, comma separated")
     ap.add_argument("--cases", default="a,b", help="a: 3 x 224x224, b: 2 x 480x640")
     ap.add_argument("--reps", type=int, default=None, help="timed steps per implementation (default 30 CUDA, "
-                                                           "10 CPU at B=1, 3 CPU otherwise)")
+                                                           "15 CPU at B=1, 5 CPU otherwise)")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled step")
+    ap.add_argument("--quick", action="store_true", help="case (a) only, no compiled step, fewer reps (a smoke run)")
     ap.add_argument("--model", default=None, help="checkpoint directory (instead of random weights)")
     ap.add_argument("--hf-attn", default="sdpa")
     ap.add_argument("--json", default=None)
@@ -182,11 +185,13 @@ def main(argv=None):
     hf, ours = build(None if args.model else model_config(config), device, dtype, args.hf_attn, args.model)
     hf_proc = hf_image_processor()
     rows = []
-    for name in args.cases.split(","):
+    variants = (["graph"] if cuda else []) + ([] if args.no_compile or args.quick else ["compiled"])
+    cases = "a" if args.quick else args.cases
+    for name in cases.split(","):
         for B in (int(b) for b in args.batches.split(",")):
-            reps = args.reps or (30 if cuda else (10 if B == 1 else 3))
-            rows.append(run_case(name, B, hf, ours, hf_proc, device, reps, warmup=3 if cuda else 1,
-                                 compile=not args.no_compile))
+            default = (10 if args.quick else 30) if cuda else (5 if args.quick or B > 1 else 15)
+            rows.append(run_case(name, B, hf, ours, hf_proc, device, args.reps or default, warmup=3 if cuda else 1,
+                                 variants=variants))
     meta = {**header(device), "config": config, "dtype": str(dtype), "hf_image_processor": hf_proc[0],
             "attn_backend": ours.feature_step(1, 1, 224, 224, texts="x").backend}
     print(markdown_table(rows, [(k, k) for k in rows[0]]))

@@ -19,7 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import (bf16_peak_tflops, fmt_mem, header, markdown_table, peak_memory, time_fns,  # noqa: E402
                           write_json)
 from qwen_batched.config import ModelConfig, VisionConfig  # noqa: E402
+from qwen_batched.attention import resolve_backend  # noqa: E402
+from qwen_batched.caches import ModelCaches  # noqa: E402
+from qwen_batched.validation import host_grids  # noqa: E402
 from qwen_batched.vision import VisionTransformer  # noqa: E402
+from tests.helpers import hf_config_dict  # noqa: E402
 
 CPU_SMALL = VisionConfig(depth=8, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=256,
                          fullatt_block_indexes=(1, 3, 5, 7))
@@ -62,7 +66,7 @@ def build(cfg: VisionConfig, device, dtype, hf_attn: str = "sdpa"):
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-    hf_cfg = Qwen2_5_VLVisionConfig(**ModelConfig(vision=cfg).to_hf_dict()["vision_config"])
+    hf_cfg = Qwen2_5_VLVisionConfig(**hf_config_dict(ModelConfig(vision=cfg))["vision_config"])
     hf_cfg._attn_implementation = hf_attn
     torch.manual_seed(0)
     with torch.device(device):
@@ -70,7 +74,12 @@ def build(cfg: VisionConfig, device, dtype, hf_attn: str = "sdpa"):
     ours = VisionTransformer(cfg).to(device=device, dtype=dtype).eval()
     sd = {k: (v.reshape(v.shape[0], -1) if k == "patch_embed.proj.weight" else v) for k, v in hf.state_dict().items()}
     ours.load_state_dict(sd, strict=True)
-    return hf, ours
+    caches = ModelCaches(ModelConfig(vision=cfg))
+    backend = resolve_backend("auto", torch.device(device), dtype)
+
+    def encode(pv, g):  # what encode_images runs: host grids (one read), cached geometry, one varlen pass
+        return ours(pv, caches.geometry(host_grids(g), torch.device(device), backend), backend)
+    return hf, encode
 
 
 def make_inputs(grids, cfg: VisionConfig, device, dtype, seed=0):
@@ -177,6 +186,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--scaling", action="store_true", help="also sweep image count and size")
     ap.add_argument("--no-per-image", action="store_true", help="skip the HF per-image baseline")
+    ap.add_argument("--case", action="append", default=None, help="run only these cases (by name; repeatable)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -184,8 +194,14 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg = vision_config(cfg_name)
     hf, ours = build(cfg, device, dtype)
+    todo = cases(device.type, cfg)
+    if args.case:
+        unknown = set(args.case) - set(todo)
+        if unknown:
+            ap.error(f"unknown --case {sorted(unknown)}; cases here: {list(todo)}")
+        todo = {k: v for k, v in todo.items() if k in args.case}
     rows = [run_case(name, grids, hf, ours, cfg, device, dtype, args.reps, per_image=not args.no_per_image)
-            for name, grids in cases(device.type, cfg).items()]
+            for name, grids in todo.items()]
     meta = {**header(device), "config": cfg_name, "dtype": str(dtype).replace("torch.", ""), "reps": args.reps,
             "timing": "median wall time after warm-up, implementations interleaved, CUDA-synchronised"}
     print(f"## Vision tower: {meta['device']}, {cfg_name}, {meta['dtype']}, {meta['date']}, commit {meta['commit']}")

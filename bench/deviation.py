@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import header, markdown_table  # noqa: E402
 from qwen_batched import ModelConfig, QwenBatchedVL  # noqa: E402
+from tests.helpers import hf_config_dict  # noqa: E402
 
 
 def stats(ours: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -38,7 +39,7 @@ def build_reference(cfg: ModelConfig, device, seed: int = 0):
     """Random-weight fp32 reference and its bf16 copy (rotary buffers kept fp32, as from_pretrained does)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    hf_cfg = Qwen2_5_VLConfig(**cfg.to_hf_dict())
+    hf_cfg = Qwen2_5_VLConfig(**hf_config_dict(cfg))
     hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     with torch.device(device):

@@ -17,7 +17,8 @@ from bench.common import fmt_mem, markdown_table  # noqa: E402
 
 TITLES = {"processor": "Processor (images -> model inputs)", "vit": "Vision tower",
           "decoder": "Decoder: features and generation", "cache": "Per-image embedding cache (extract_features)",
-          "step": "Real-time feature step (model.feature_step)"}
+          "parts": "Parts of the run (exit code 0 = passed; 124 = stopped by its time limit)",
+          "step": "Real-time feature step"}
 
 
 def _readable(rows: list[dict]) -> list[dict]:
@@ -81,6 +82,7 @@ def main(argv=None):
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--command", default="bash bench/test_speed.sh", help="the command that produced the run")
+    ap.add_argument("--prefix", default="", help="file name prefix, e.g. 'quick-' for bench/run_gpu.sh quick")
     args = ap.parse_args(argv)
     parts = {}
     if os.path.isfile(args.inputs):  # re-render a merged report
@@ -114,7 +116,7 @@ def main(argv=None):
             scaling[f"{cfg} {m.get('dtype', '')}".strip()] = data["scaling"]
             lines += ["### Scaling (images/s)", "", markdown_table(data["scaling"], _columns(data["scaling"])), ""]
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"{_slug(device)}-{date}")
+    base = os.path.join(args.out, f"{args.prefix}{_slug(device)}-{date}")
     with open(base + ".json", "w") as f:
         json.dump({"meta": {"device": device, "date": date, "commit": commit, "command": args.command},
                    "benchmarks": parts}, f, indent=2)

@@ -1,21 +1,97 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, for a CUDA machine without network access (torch, transformers, triton present).
+#   bash bench/run_gpu.sh quick       # ~8 min on an H100/H200: CUDA tests, then the headline speed rows (3B shapes)
 #   bash bench/run_gpu.sh tests       # CUDA tests + kernel tests, prints the bf16 numbers (-s)
 #   bash bench/run_gpu.sh deviation   # deviation report, 3B shapes, bf16 and fp32
-#   bash bench/run_gpu.sh speed       # speed report, 3B and 7B shapes, bf16
+#   bash bench/run_gpu.sh speed       # full speed report, 3B and 7B shapes, bf16
+#   bash bench/run_gpu.sh quick --device cpu   # dry run of quick's control flow on a CPU, tiny shapes
 # Results land in bench/results/ and, when $OUT is set, are copied there too.
-set -euo pipefail
+#
+# quick, sized by arithmetic for the 3B shapes in bf16 (H100 ~ 0.99 PFLOP/s dense, 3.3 TB/s; H200 4.8 TB/s):
+#   tests     tiny models, ~40 Triton kernels JIT-compiled natively                       limit 200 s
+#   vit       64 x 448x448 = 65k patches x 32 blocks x ~2*0.67 GFLOP/patch ~ 88 TFLOP... per pass ~0.1-0.3 s;
+#             ours vs transformers' sdpa path, 1 warm-up + 5 interleaved reps each               limit 120 s
+#   features  B=8 x 4 cameras 224x224 (+ 32 text): 8 x 4 x 64 + 32 = 2.3k tokens x 3B x 2 FLOP ~ 14 TFLOP/pass;
+#             tiny; the model build (3B random init on the GPU, ~7 GB) dominates              limit 150 s
+#   generate  B=32 x 64 new tokens: 64 decode steps reading 7 GB of weights ~ 64 x 2-3 ms + prefill of 32 x 270
+#             tokens; transformers' generate ~3-5x slower; 6 runs each                            limit 180 s
+#   step      the real-time feature step (when bench/bench_step.py exists)                      limit 90 s
+# Each part runs under its own `timeout`, so one hang cannot eat the rest; every part's exit code and seconds go
+# into the report. Worst case 740 s if every part hits its limit; expected ~4-6 min.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
+MODE=${1:-all}
+shift || true
+DEVICE=cuda
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
 "$PY" -c "import qwen_batched.kernels" 2>/dev/null || \
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
-case "${1:-all}" in
-  tests) "$PY" -m pytest -q -s tests/test_gpu_vision.py tests/test_gpu_decoder.py tests/test_gpu_processor.py tests/test_step.py \
-           tests/test_kernels.py tests/test_processor.py ;;
-  deviation) PY="$PY" bash bench/test_deviation.sh --device cuda --config 3b ;;
-  speed) PY="$PY" bash bench/test_speed.sh --device cuda ;;
-  all) "$0" tests; "$0" deviation; "$0" speed ;;
-  *) echo "usage: $0 [tests|deviation|speed|all]" >&2; exit 2 ;;
+if [ "$DEVICE" = cuda ]; then
+  "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
+  export TRITON_INTERPRET=0
+else
+  export TRITON_INTERPRET=1
+fi
+
+quick() {
+  local tmp cfg vitcfg start
+  tmp=$(mktemp -d)
+  if [ "$DEVICE" = cuda ]; then cfg=3b; vitcfg=3b; vitcase="64 x 448x448"; else cfg=tiny; vitcfg=cpu-small; vitcase="8 x 448x448"; fi
+  : > "$tmp/parts.tsv"
+  part() {  # part NAME LIMIT_S COMMAND...
+    local name=$1 limit=$2; shift 2
+    echo "=== $name (limit ${limit}s): $*" >&2
+    start=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$tmp/parts.tsv"
+  }
+  if [ "$DEVICE" = cuda ]; then
+    part tests 200 "$PY" -m pytest -q -x tests/test_gpu_vision.py tests/test_gpu_decoder.py tests/test_gpu_processor.py \
+      tests/test_kernels.py tests/test_kernels_fused.py $(ls tests/test_gpu_step.py 2>/dev/null)
+  else
+    part tests 200 "$PY" -m pytest -q -x tests/test_kernels_fused.py -k "argument_error or falls_back"
+  fi
+  part vit 120 "$PY" bench/bench_vit.py --device "$DEVICE" --config "$vitcfg" --case "$vitcase" --no-per-image \
+    --reps 5 --json "$tmp/vit-$cfg.json"
+  part features 150 "$PY" bench/bench_decoder.py --device "$DEVICE" --config "$cfg" --only features --skip-per-sample \
+    --json "$tmp/decoder-features-$cfg.json"
+  part generate 180 "$PY" bench/bench_decoder.py --device "$DEVICE" --config "$cfg" --only generation --skip-per-sample \
+    --json "$tmp/decoder-generation-$cfg.json"
+  if [ -f bench/bench_step.py ]; then
+    part step 90 "$PY" bench/bench_step.py --device "$DEVICE" --config "$cfg" --quick --json "$tmp/step-$cfg.json"
+  fi
+  "$PY" - "$tmp" <<'PYEOF'
+import csv, json, os, sys
+sys.path.insert(0, os.getcwd())
+from bench.common import header
+import torch
+tmp = sys.argv[1]
+rows = [{"part": n, "exit_code": int(rc), "seconds": int(s)} for n, rc, s in csv.reader(open(f"{tmp}/parts.tsv"), delimiter="\t")]
+dev = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0" else "cpu")
+json.dump({"meta": header(dev), "rows": rows}, open(f"{tmp}/parts.json", "w"), indent=2)
+PYEOF
+  "$PY" bench/report.py --inputs "$tmp" --out bench/results --device "$DEVICE" --prefix quick- \
+    --command "bash bench/run_gpu.sh quick${DEVICE:+ --device $DEVICE}"
+  cat "$tmp/parts.tsv"
+  ! awk -F'\t' '$2 != 0 {bad=1} END {exit !bad}' "$tmp/parts.tsv"
+}
+
+rc=0
+case "$MODE" in
+  quick) quick || rc=$? ;;
+  tests) "$PY" -m pytest -q -s tests/test_gpu_vision.py tests/test_gpu_decoder.py tests/test_gpu_processor.py \
+           tests/test_gpu_step.py tests/test_kernels.py tests/test_kernels_fused.py tests/test_processor.py || rc=$? ;;
+  deviation) PY="$PY" bash bench/test_deviation.sh --device cuda --config 3b || rc=$? ;;
+  speed) PY="$PY" bash bench/test_speed.sh --device cuda || rc=$? ;;
+  all) "$0" tests || rc=$?; "$0" deviation || rc=$?; "$0" speed || rc=$? ;;
+  *) echo "usage: $0 [quick|tests|deviation|speed|all] [--device cuda|cpu]" >&2; exit 2 ;;
 esac
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/results" && cp -r bench/results/. "$OUT/results/"; fi
+exit $rc

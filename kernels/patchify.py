@@ -17,14 +17,7 @@ import math
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is optional
-    triton = tl = None
-    HAS_TRITON = False
+from ._triton import HAS_TRITON, tl, triton
 
 
 def _geometry(shape, patch_size: int, temporal_patch_size: int, merge_size: int):

@@ -9,16 +9,10 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
+from ._triton import HAS_TRITON, tl, triton
 
+if HAS_TRITON:
     from .rounding import cast_rne
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is optional
-    triton = tl = None
-    HAS_TRITON = False
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

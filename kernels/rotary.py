@@ -7,16 +7,10 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
+from ._triton import HAS_TRITON, tl, triton
 
+if HAS_TRITON:
     from .rounding import cast_rne
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is optional
-    triton = tl = None
-    HAS_TRITON = False
 
 
 def rotary_qk_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

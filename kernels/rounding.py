@@ -2,14 +2,7 @@
 whose float32 -> bfloat16 conversion truncates."""
 from __future__ import annotations
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is optional
-    triton = tl = None
-    HAS_TRITON = False
+from ._triton import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
 

@@ -4,7 +4,7 @@ from .api import QwenBatchedVL
 
 from .outputs import FeatureOutput, GenerateOutput
 from .processor import BatchedImageProcessor, load_processor, smart_resize
-from .prompts import ModelInputs
+from .inputs import ModelInputs
 
 __all__ = ["QwenBatchedVL", "ModelConfig", "TextConfig", "VisionConfig", "BatchedImageProcessor", "ModelInputs",
            "FeatureOutput", "GenerateOutput", "load_processor", "smart_resize"]

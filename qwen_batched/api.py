@@ -3,20 +3,23 @@ from __future__ import annotations
 
 import itertools
 import os
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .attention import resolve_backend
-from .batching import RowSlicer, Rows, check_budget, plan_ranges, run_ranges
+from .batching import plan_ranges, run_ranges
+from .caches import ModelCaches
 from .config import ModelConfig, load_generation_eos
 from .generation import generate_tokens
+from .inputs import ModelInputs
 from .outputs import FeatureOutput, GenerateOutput
 from .rope import rope_index
 from .text import TextModel, run_batch
-from .validation import (check_context, check_devices, check_dtype, check_generate_args, check_ids,
-                         check_images, check_videos, resolve_eos, resolve_layers)
+from .validation import (check_budget, check_context, check_dtype, check_generate_args, checked_vision_inputs,
+                         resolve_eos, resolve_layers, row_seeds, validate_inputs)
 from .vision import VisionTransformer
 
 
@@ -33,7 +36,9 @@ class QwenBatchedVL(nn.Module):
     def __init__(self, cfg: ModelConfig, attn_backend: str = "auto"):
         super().__init__()
         self.cfg = cfg
-        self.attn_backend = attn_backend
+        self.attn_backend = attn_backend  # as asked; ``backend`` is what runs, resolved for the device and dtype
+        self.backend = "sdpa"
+        self.caches = ModelCaches(cfg)
         self.visual = VisionTransformer(cfg.vision)
         self.model = TextModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
@@ -118,6 +123,7 @@ class QwenBatchedVL(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.eval().requires_grad_(False)
+        self.backend = resolve_backend(self.attn_backend, self.device, self.dtype)
         self.processor = load_processor(processor_path, self.cfg)
         return self
 
@@ -129,6 +135,14 @@ class QwenBatchedVL(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
+
+    def _apply(self, fn, recurse=True):
+        """After ``.to()`` / ``.half()`` ...: re-resolve the attention backend and drop device-bound caches."""
+        out = super()._apply(fn, recurse)
+        if self.model.embed_tokens.weight.device.type != "meta":
+            self.backend = resolve_backend(self.attn_backend, self.device, self.dtype)
+            self.caches.clear()
+        return out
 
     # ------------------------------------------------------------------ vision
     @torch.inference_mode()
@@ -142,10 +156,16 @@ class QwenBatchedVL(nn.Module):
         ``return_pre_merger=True``: (sum t*h*w, hidden) ViT output before the merger, in input patch order.
         With the image cache enabled, only cache misses are encoded (duplicates in the batch once).
         """
+        grids = checked_vision_inputs(pixel_values, image_grid_thw, self.cfg.vision)
+        pixel_values = pixel_values.to(self.device)
         if self.image_cache is None or return_pre_merger:
-            return self.visual(pixel_values, image_grid_thw, backend=self.attn_backend,
-                               return_pre_merger=return_pre_merger)
-        return self._encode_cached(pixel_values, image_grid_thw)
+            return self._vision(pixel_values, grids, return_pre_merger)
+        return self._encode_cached(pixel_values, grids)
+
+    def _vision(self, pixel_values: torch.Tensor, grids: tuple, return_pre_merger: bool = False) -> torch.Tensor:
+        """The vision tower on checked inputs with host grids."""
+        geo = self.caches.geometry(grids, self.device, self.backend)
+        return self.visual(pixel_values, geo, self.backend, return_pre_merger)
 
     def enable_image_cache(self, max_bytes: int = 1 << 30) -> None:
         """Cache vision embeddings per image (keyed by pixel hash, grid, model), LRU bounded by ``max_bytes``."""
@@ -156,10 +176,8 @@ class QwenBatchedVL(nn.Module):
     def disable_image_cache(self) -> None:
         self.image_cache = None
 
-    def _encode_cached(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+    def _encode_cached(self, pixel_values: torch.Tensor, grids: tuple) -> torch.Tensor:
         """encode_images through the cache: hits are looked up, misses encoded together in one call."""
-        self.visual.check_pixels(pixel_values)
-        grids = self.visual.validate_grids(image_grid_thw, pixel_values.shape[0])
         cache, mu = self.image_cache, self.cfg.vision.merge_unit
         keys = cache.keys(pixel_values, grids)
         rows = [t * h * w for t, h, w in grids]
@@ -174,7 +192,7 @@ class QwenBatchedVL(nn.Module):
         if todo:
             first = list(todo.values())
             sel = torch.cat([torch.arange(starts[i], starts[i] + rows[i]) for i in first]).to(pixel_values.device)
-            enc = self.visual(pixel_values.index_select(0, sel), image_grid_thw[first], backend=self.attn_backend)
+            enc = self._vision(pixel_values.index_select(0, sel), tuple(grids[i] for i in first))
             fresh = dict(zip(todo, enc.split([rows[i] // mu for i in first])))
             for k, v in fresh.items():
                 cache.put(k, v)
@@ -183,19 +201,20 @@ class QwenBatchedVL(nn.Module):
 
     # ------------------------------------------------------------------ decoder: features and generation
     @torch.inference_mode()
-    def extract_features(self, *, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                         pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                         pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
-                         second_per_grid_ts: torch.Tensor | None = None, images=None, texts=None, videos=None,
-                         fps: float | list[float] | None = None, layers=None, final_norm: bool = True,
+    def extract_features(self, inputs: ModelInputs | None = None, /, *, input_ids: torch.Tensor | None = None,
+                         attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                         image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+                         video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
+                         images=None, texts=None, videos=None, fps: float | list[float] | None = None,
+                         rescale: bool | None = None, layers=None, final_norm: bool = True,
                          max_batch_tokens: int | None = None) -> FeatureOutput:
         """Decoder hidden states of a batch, in the reference's ``output_hidden_states`` convention.
 
-        input_ids / attention_mask: (B, L), any padding side. pixel_values (sum t*h*w, C*T*P*P) and
-        image_grid_thw (n_images, 3) for the image tokens, images in (batch, sequence) order; likewise
-        pixel_values_videos / video_grid_thw (n_videos, 3) for the video tokens, with second_per_grid_ts
-        (n_videos,) the seconds per temporal grid step (None: 1, as the reference). Or ``images=`` / ``texts=`` /
-        ``videos=`` (with ``fps=``, default 2.0), run through ``model.processor.prepare``.
+        The batch: a ``ModelInputs`` (``model.processor.prepare(...)``), or its tensors as keywords (input_ids /
+        attention_mask (B, L), any padding side; pixel_values + image_grid_thw; pixel_values_videos +
+        video_grid_thw + second_per_grid_ts (None: 1 s, as the reference)), or ``images=`` / ``texts=`` /
+        ``videos=`` (with ``fps=``, default 2.0, and ``rescale=``: see ``processor.preprocess_images``), which go
+        through ``model.processor.prepare``.
         layers: indices to return (default all): 0 = embeddings, i = output of layer i, num_layers = after the
         final norm (before it when ``final_norm=False``); negative indices count from the end. Layers past the
         deepest requested one are not run.
@@ -206,78 +225,90 @@ class QwenBatchedVL(nn.Module):
         if not isinstance(final_norm, bool):
             raise TypeError(f"final_norm must be a bool, got {type(final_norm).__name__}")
         budget = check_budget(max_batch_tokens)
-        batch = self._validated_rows(input_ids, attention_mask, pixel_values, image_grid_thw, images, texts,
-                                     pixel_values_videos, video_grid_thw, second_per_grid_ts, videos, fps)
-        slicer = self._slicer(batch)
+        batch = self._door(inputs, dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                                        image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                                        video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts),
+                           images, texts, videos, fps, rescale)
+        lay, L = batch.layout, batch.input_ids.shape[1]
 
         def run(s: int, e: int):
-            sub = slicer(s, e)
+            sub = batch.select_rows(range(s, e))
+            lo, hi = lay.span(range(s, e))
             x = self._embed(sub)
-            _, states = run_batch(self.model, x.embeds, x.position_ids, x.valid, kernel=self._text_kernel(),
-                                  depth=max(layers), keep=layers, final_norm=final_norm)
-            states = [torch.nn.functional.pad(states[i], (0, 0, sub.left, sub.right)) for i in layers]
+            _, states = run_batch(self.model, x.embeds, x.position_ids, x.valid, rope=self.caches.rope(self.device),
+                                  backend=self.backend, lengths=sub.layout.lengths, depth=max(layers), keep=layers,
+                                  final_norm=final_norm)
+            states = [F.pad(states[i], (0, 0, lo, L - hi)) for i in layers]
             return states, x.vision_embeds, x.video_embeds
 
-        parts = [r for _, r in run_ranges(plan_ranges(slicer.lengths, budget), run, self._free_memory)]
+        parts = [r for _, r in run_ranges(plan_ranges(lay.lengths, budget), run, self._free_memory)]
         hidden = tuple(torch.cat([p[0][j] for p in parts]) for j in range(len(layers)))
         vis = [p[1] for p in parts if p[1] is not None]
         vid = [p[2] for p in parts if p[2] is not None]
-        mask = batch.attention_mask.to(self.device)
-        ids = batch.input_ids.to(self.device)
-        return FeatureOutput(hidden_states=hidden, attention_mask=mask, image_mask=ids == self.cfg.image_token_id,
-                             vision_embeds=torch.cat(vis) if vis else None, layers=layers,
-                             video_mask=ids == self.cfg.video_token_id, video_embeds=torch.cat(vid) if vid else None)
+        ids = batch.input_ids
+        return FeatureOutput(hidden_states=hidden, attention_mask=batch.attention_mask,
+                             image_mask=ids == self.cfg.image_token_id, vision_embeds=torch.cat(vis) if vis else None,
+                             layers=layers, video_mask=ids == self.cfg.video_token_id,
+                             video_embeds=torch.cat(vid) if vid else None)
 
     def feature_step(self, batch_size: int, n_cameras: int, height: int, width: int, *, texts=None,
-                     max_text_tokens: int = 32, layers=(-1,), compile: bool = False, cameras=None):
+                     max_text_tokens: int = 32, layers=(-1,), compile: bool = False, cuda_graph: bool | None = None,
+                     cameras=None):
         """A fixed-shape feature step for a control loop: ``step(frames, texts=None) -> FeatureOutput``.
 
         Built once for B samples of N cameras of H x W frames; a warm call reads nothing back from the device.
         The real tokens get ``extract_features(images=frames, texts=texts, layers=layers)``'s hidden states; the
         text is padded to ``max_text_tokens`` so every call returns (B, L, D). ``cameras``: names of the camera
         dict entries in order (default: the first dict's order). ``compile=True``: torch.compile(fullgraph=True)
-        of the device part, captured as one CUDA graph on a GPU. See ``qwen_batched.step``.
+        of the device part, captured as one CUDA graph on a GPU; ``cuda_graph=True`` captures the eager step (CUDA;
+        default: with ``compile``). See ``qwen_batched.step``.
         """
         from .step import FeatureStep
 
         return FeatureStep(self, batch_size, n_cameras, height, width, texts=texts, max_text_tokens=max_text_tokens,
-                           layers=layers, compile=compile, cameras=cameras)
+                           layers=layers, compile=compile, cuda_graph=cuda_graph, cameras=cameras)
 
     @torch.inference_mode()
-    def generate(self, *, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
-                 second_per_grid_ts: torch.Tensor | None = None, images=None, texts=None, videos=None,
-                 fps: float | list[float] | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
-                 seed: int | None = None, compile: bool = False, max_batch_tokens: int | None = None) -> GenerateOutput:
+    def generate(self, inputs: ModelInputs | None = None, /, *, input_ids: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                 image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+                 video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
+                 images=None, texts=None, videos=None, fps: float | list[float] | None = None,
+                 rescale: bool | None = None, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, eos_token_id: int | list[int] | None = None, seed: int | list[int] | None = None,
+                 compile: bool = False, max_batch_tokens: int | None = None) -> GenerateOutput:
         """Generate for a whole batch: one prefill, then fixed-shape decode steps over a static KV cache.
 
-        Inputs as for ``extract_features``. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off;
-        ``seed`` makes sampling reproducible. eos_token_id: None = the checkpoint's EOS ids, an int or a list
-        overrides, [] never stops. A row stops after its EOS (later slots hold the pad id); the loop ends when all
-        rows have stopped. compile=True runs the decode step through torch.compile (CUDA graphs on GPU; falls
-        back to eager if compilation fails). max_batch_tokens caps rows x (longest prompt + max_new_tokens) per
-        sub-batch, as in ``extract_features`` (with a seed, sampling depends on how the batch is split).
+        Inputs as for ``extract_features``. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off.
+        ``seed``: an int (row b draws from (seed, b)) or one int per row; a row's sampled tokens depend only on its
+        seed, never on the other rows of the batch or on ``max_batch_tokens`` splits; None draws a base seed from
+        torch's global generator. eos_token_id: None = the checkpoint's EOS ids, an int or a list overrides, []
+        never stops. A row stops after its EOS (later slots hold the pad id); the loop ends when all rows have
+        stopped. compile=True runs the decode step through torch.compile (CUDA graphs on GPU; falls back to eager
+        if compilation fails). max_batch_tokens caps rows x (longest prompt + max_new_tokens) per sub-batch, as in
+        ``extract_features``.
         """
         check_generate_args(max_new_tokens, temperature, top_k, top_p, seed, compile)
         eos_ids = resolve_eos(eos_token_id, self.cfg)
         budget = check_budget(max_batch_tokens)
-        batch = self._validated_rows(input_ids, attention_mask, pixel_values, image_grid_thw, images, texts,
-                                     pixel_values_videos, video_grid_thw, second_per_grid_ts, videos, fps)
-        slicer = self._slicer(batch)
-        check_context(max(slicer.lengths) + max_new_tokens, self.cfg, "prompt length + max_new_tokens")
-        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        batch = self._door(inputs, dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                                        image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                                        video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts),
+                           images, texts, videos, fps, rescale)
+        lay = batch.layout
+        check_context(max(lay.lengths) + max_new_tokens, self.cfg, "prompt length + max_new_tokens")
+        seeds = torch.tensor(row_seeds(seed, batch.batch_size), dtype=torch.int64, device=self.device)
 
         def run(s: int, e: int):
-            x = self._embed(slicer(s, e))
+            sub = batch.select_rows(range(s, e))
+            x = self._embed(sub)
             return generate_tokens(
-                self, x.embeds, x.position_ids, x.valid, max_new_tokens=max_new_tokens,
-                temperature=float(temperature), top_k=top_k, top_p=float(top_p), eos_ids=eos_ids,
-                pad_id=self.cfg.pad_token_id, generator=gen, kernel=self._text_kernel(), compile=compile,
+                self, x.embeds, x.position_ids, x.valid, lengths=[int(n) for n in sub.layout.lengths],
+                max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
+                eos_ids=eos_ids, pad_id=self.cfg.pad_token_id, seeds=seeds[s:e], compile=compile,
                 sync_every=4 if self.device.type == "cuda" else 1)
 
-        ranges = plan_ranges(slicer.lengths, budget, extra=max_new_tokens)
+        ranges = plan_ranges(lay.lengths, budget, extra=max_new_tokens)
         parts = [r for _, r in run_ranges(ranges, run, self._free_memory)]
         seqs = torch.cat([p[0] for p in parts])
         lengths = torch.cat([p[1] for p in parts])
@@ -288,92 +319,90 @@ class QwenBatchedVL(nn.Module):
             texts_out = list(tokenizer.batch_decode(rows, skip_special_tokens=True))
         return GenerateOutput(sequences=seqs, lengths=lengths, texts=texts_out)
 
-    def _text_kernel(self) -> str:
-        """'flash' / 'torch_varlen' (packed prefill) on CUDA in half precision, else 'sdpa' (padded)."""
-        return resolve_backend(self.attn_backend, self.device, self.dtype)
+    def validate(self, inputs: ModelInputs) -> ModelInputs:
+        """Check a batch once and put it on the model's device, with its host-side ``BatchLayout``."""
+        if not isinstance(inputs, ModelInputs):
+            raise TypeError(f"inputs must be a ModelInputs (model.processor.prepare(...)), got {type(inputs).__name__}")
+        return validate_inputs(inputs, self.cfg, self.device)
 
-    def _validated_rows(self, input_ids, attention_mask, pixel_values, image_grid_thw, images, texts,
-                        pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, videos=None,
-                        fps=None) -> Rows:
-        """Run the processor for images=/texts=/videos=, then validate the whole batch before any work."""
-        if images is not None or texts is not None or videos is not None:
-            given = [k for k, v in (("input_ids", input_ids), ("attention_mask", attention_mask),
-                                    ("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw),
-                                    ("pixel_values_videos", pixel_values_videos), ("video_grid_thw", video_grid_thw),
-                                    ("second_per_grid_ts", second_per_grid_ts)) if v is not None]
+    def _door(self, inputs, tensors: dict, images, texts, videos, fps, rescale) -> ModelInputs:
+        """Whatever form the batch came in -> one validated ``ModelInputs`` on the model's device."""
+        given = [k for k, v in tensors.items() if v is not None]
+        media = images is not None or texts is not None or videos is not None
+        if inputs is not None:
+            if not isinstance(inputs, ModelInputs):
+                raise TypeError(f"inputs must be a ModelInputs (model.processor.prepare(...)), got "
+                                f"{type(inputs).__name__}; pass tensors by keyword (input_ids=...)")
+            if given or media:
+                raise ValueError(f"pass either a ModelInputs or {'/'.join(given) or 'images/texts/videos'}=, not both")
+        if fps is not None and videos is None:
+            raise ValueError("fps= applies to videos= only (frames per second of the given clips); with "
+                             "pixel_values_videos= pass second_per_grid_ts= (temporal_patch_size / fps per video)")
+        if rescale is not None and not media:
+            raise ValueError("rescale= applies to images=/videos= (how the processor reads pixel values); tensors "
+                             "given as pixel_values= are already normalized")
+        if media:
             if given:
                 raise ValueError(f"pass either images=/texts=/videos= or {'/'.join(given)}=, not both")
             if self.processor is None:
                 raise ValueError("images=/texts=/videos= need model.processor, which is None for this model; tokenize "
                                  "yourself and pass input_ids= (with pixel_values= and image_grid_thw= for images, "
                                  "pixel_values_videos= and video_grid_thw= for videos)")
-            if fps is not None and videos is None:
-                raise ValueError("fps= applies to videos= only (frames per second of the given clips)")
             inputs = self.processor.prepare(images, texts, videos=videos, fps=2.0 if fps is None else fps,
-                                            chat_template=True, padding_side="left", device=self.device)
-            input_ids, attention_mask = inputs.input_ids, inputs.attention_mask
-            pixel_values, image_grid_thw = inputs.pixel_values, inputs.image_grid_thw
-            pixel_values_videos, video_grid_thw = inputs.pixel_values_videos, inputs.video_grid_thw
-            second_per_grid_ts = inputs.second_per_grid_ts
-        elif fps is not None:
-            raise ValueError("fps= applies to videos= only; with pixel_values_videos= pass second_per_grid_ts= "
-                             "(temporal_patch_size / fps per video)")
-        check_devices(self.device, input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                      image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
-                      video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts)
-        ids, mask, n_image_tokens, n_video_tokens = check_ids(input_ids, attention_mask, self.cfg)
-        check_context(ids.shape[1], self.cfg, "input length")
-        grid = check_images(pixel_values, image_grid_thw, n_image_tokens, self.visual)
-        vgrid, seconds = check_videos(pixel_values_videos, video_grid_thw, second_per_grid_ts, n_video_tokens,
-                                      self.visual)
-        dev = self.device
-        rows = Rows(ids.to(dev), mask.to(dev), None if grid is None else pixel_values.to(dev),
-                    None if grid is None else grid.to(dev))
-        if vgrid is not None:
-            rows.pixel_values_videos, rows.video_grid_thw = pixel_values_videos.to(dev), vgrid.to(dev)
-            rows.second_per_grid_ts = None if seconds is None else seconds.to(dev)
-        return rows
+                                            chat_template=True, padding_side="left", rescale=rescale,
+                                            device=self.device)
+        elif inputs is None:
+            inputs = ModelInputs(**tensors)
+        return validate_inputs(inputs, self.cfg, self.device)
 
-    def _slicer(self, batch: Rows) -> RowSlicer:
-        return RowSlicer(batch, self.cfg.image_token_id, self.cfg.vision.merge_unit,
-                         video_token_id=self.cfg.video_token_id)
-
-    def _encode_vision(self, rows: Rows) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _encode_vision(self, rows: ModelInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Merged features of the images and of the videos of ``rows`` (each (n_tokens, D) or None). Images and
         videos go through the vision tower in one call (with the image cache on, images go through the cache)."""
-        grid, vgrid = rows.image_grid_thw, rows.video_grid_thw
-        if vgrid is None:
-            return (None if grid is None else self.encode_images(rows.pixel_values, grid)), None
-        if grid is not None and self.image_cache is not None:
-            return (self.encode_images(rows.pixel_values, grid),
-                    self.visual(rows.pixel_values_videos, vgrid, backend=self.attn_backend))
-        if grid is None:
-            return None, self.visual(rows.pixel_values_videos, vgrid, backend=self.attn_backend)
+        lay = rows.layout
+        grids, vgrids = lay.image_grids, lay.video_grids
+        if not vgrids:
+            if not grids:
+                return None, None
+            if self.image_cache is not None:
+                return self._encode_cached(rows.pixel_values, grids), None
+            return self._vision(rows.pixel_values, grids), None
+        if not grids:
+            return None, self._vision(rows.pixel_values_videos, vgrids)
+        if self.image_cache is not None:
+            return self._encode_cached(rows.pixel_values, grids), self._vision(rows.pixel_values_videos, vgrids)
         pv = torch.cat([rows.pixel_values, rows.pixel_values_videos.to(rows.pixel_values.dtype)])
-        both = self.visual(pv, torch.cat([grid, vgrid]), backend=self.attn_backend)
+        both = self._vision(pv, grids + vgrids)
         n_img = rows.pixel_values.shape[0] // self.cfg.vision.merge_unit
         return both[:n_img], both[n_img:]
 
-    def _embed(self, rows: Rows) -> SimpleNamespace:
+    def _embed(self, rows: ModelInputs) -> Embedded:
         """Token embeddings with the encoded images and videos scattered in, and 3-D positions."""
-        ids, mask, grid = rows.input_ids, rows.attention_mask, rows.image_grid_thw
+        ids, mask = rows.input_ids, rows.attention_mask
         embeds = self.model.embed_tokens(ids)  # (B, L, D)
-        image_mask = ids == self.cfg.image_token_id
         vision, video = self._encode_vision(rows)
         if vision is not None:
             vision = vision.to(embeds.dtype)  # (n_image_tokens, D)
-            embeds = embeds.masked_scatter(image_mask[..., None], vision)
+            embeds = embeds.masked_scatter((ids == self.cfg.image_token_id)[..., None], vision)
         if video is not None:
             video = video.to(embeds.dtype)  # (n_video_tokens, D)
             embeds = embeds.masked_scatter((ids == self.cfg.video_token_id)[..., None], video)
-        position_ids, _ = rope_index(ids, mask, grid, image_token_id=self.cfg.image_token_id,
+        position_ids, _ = rope_index(ids, mask, rows.image_grid_thw, image_token_id=self.cfg.image_token_id,
                                      spatial_merge_size=self.cfg.vision.spatial_merge_size,
                                      video_grid_thw=rows.video_grid_thw, video_token_id=self.cfg.video_token_id,
                                      second_per_grid_ts=rows.second_per_grid_ts,
                                      tokens_per_second=self.cfg.vision.tokens_per_second)
-        return SimpleNamespace(embeds=embeds, position_ids=position_ids, valid=mask.bool(), attention_mask=mask,
-                               image_mask=image_mask, vision_embeds=vision, video_embeds=video)
+        return Embedded(embeds, position_ids, mask.bool(), vision, video)
 
     def _free_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+@dataclass
+class Embedded:
+    """A batch ready for the decoder."""
+    embeds: torch.Tensor  # (B, L, D) token embeddings with the vision features scattered in
+    position_ids: torch.Tensor  # (3, B, L) M-RoPE positions
+    valid: torch.Tensor  # (B, L) bool, real tokens
+    vision_embeds: torch.Tensor | None  # (n_image_tokens, D)
+    video_embeds: torch.Tensor | None  # (n_video_tokens, D)

@@ -1,18 +1,22 @@
-"""Variable-length (packed) bidirectional attention behind one function.
+"""Variable-length (packed) attention behind one function, for the vision tower and the packed decoder prefill.
 
-Backends, picked once per batch by ``resolve_backend``:
+The optional kernels are imported here and nowhere else. Backends, resolved once when the model is built
+(``resolve_backend``) and passed down as ``backend``:
   * ``flash``        flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16), when the package imports;
   * ``torch_varlen`` ``torch.nn.attention.varlen.varlen_attn`` (torch's own varlen flash kernel, CUDA, fp16/bf16);
   * ``sdpa``         everywhere else: segments of equal length are gathered into one batched SDPA call per
                      bucket (buckets of near-equal lengths are padded with a key mask). Never a dense mask over
-                     the whole batch, never a per-segment Python loop at run time.
+                     the whole batch, never a per-segment Python loop at run time. Bidirectional only: the
+                     decoder on this backend runs padded (``text.PaddedAttention``).
 The bucket plan is built on the host once per batch geometry (see ``VarlenPlan.build``); running a layer
 costs no host sync.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,11 +32,15 @@ try:
     from torch.nn.attention.varlen import varlen_attn as _torch_varlen
 
     HAS_TORCH_VARLEN = True
+    # keyword names moved between torch releases: 2.10 has is_causal, later ones window_size (and enable_gqa)
+    _VARLEN_KW = set(inspect.signature(_torch_varlen).parameters)
 except Exception:
     _torch_varlen = None
     HAS_TORCH_VARLEN = False
+    _VARLEN_KW = set()
 
 BACKENDS = ("auto", "flash", "torch_varlen", "sdpa")
+PACKED_BACKENDS = ("flash", "torch_varlen")  # the CUDA varlen kernels (causal packed prefill too)
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -73,7 +81,8 @@ class _Bucket:
     n: int
     length: int
     mask: torch.Tensor | None = None
-    valid: torch.Tensor | None = None  # (n*L,) bool, which gathered rows are real tokens
+    src: torch.Tensor | None = None  # (n_real,) gathered rows that are real tokens (padded buckets only)
+    dest: torch.Tensor | None = None  # (n_real,) their token rows
 
 
 @dataclass
@@ -85,55 +94,79 @@ class VarlenPlan:
 
     @classmethod
     def build(cls, lengths: list[int], device: torch.device, backend: str, pad_waste: float = 0.25) -> "VarlenPlan":
-        """lengths: host list of segment lengths, in packed order."""
-        lens = torch.tensor(lengths, dtype=torch.int64)
-        cu = F.pad(lens.cumsum(0), (1, 0))
-        plan = cls(cu_seqlens=cu.to(device=device, dtype=torch.int32), max_seqlen=int(lens.max()))
+        """lengths: host list of segment lengths, in packed order. Built with numpy on the host (no device reads)."""
+        lens = np.asarray(lengths, dtype=np.int64)
+        cu = np.concatenate([[0], np.cumsum(lens)])
+        plan = cls(cu_seqlens=torch.from_numpy(cu).to(device=device, dtype=torch.int32), max_seqlen=int(lens.max()))
         if backend == "sdpa":
             plan.buckets = _make_buckets(lens, cu, device, pad_waste)
         return plan
 
 
-def _make_buckets(lens: torch.Tensor, cu: torch.Tensor, device, pad_waste: float) -> list[_Bucket]:
+def _make_buckets(lens: np.ndarray, cu: np.ndarray, device, pad_waste: float) -> list[_Bucket]:
     starts = cu[:-1]
-    distinct = torch.unique(lens).flip(0).tolist()  # descending
+    distinct = sorted(set(lens.tolist()), reverse=True)
     groups: list[list[int]] = []
     for L in distinct:  # greedy: a bucket takes lengths within pad_waste of its longest
         if groups and L >= groups[-1][0] * (1 - pad_waste):
             groups[-1].append(L)
         else:
             groups.append([L])
+
+    def dev(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
     buckets = []
     for g in groups:
         Lmax = g[0]
-        sel = torch.nonzero(torch.isin(lens, torch.tensor(g))).flatten()  # segment ids, packed order
+        sel = np.flatnonzero(np.isin(lens, g))  # segment ids, packed order
         seg_len, seg_start = lens[sel], starts[sel]
         n = len(sel)
         if len(g) == 1:
-            first = int(seg_start[0])
-            if int(seg_start[-1]) - first == (n - 1) * Lmax and bool((seg_start.diff() == Lmax).all()):
-                buckets.append(_Bucket(None, first, n, Lmax))  # contiguous run: slice and view
+            if (np.diff(seg_start) == Lmax).all():
+                buckets.append(_Bucket(None, int(seg_start[0]), n, Lmax))  # contiguous run: slice and view
                 continue
-            idx = seg_start[:, None] + torch.arange(Lmax)
-            buckets.append(_Bucket(idx.to(device), 0, n, Lmax))
+            buckets.append(_Bucket(dev(seg_start[:, None] + np.arange(Lmax)), 0, n, Lmax))
             continue
-        ar = torch.arange(Lmax)
+        ar = np.arange(Lmax)
         valid = ar[None, :] < seg_len[:, None]  # (n, Lmax)
-        idx = torch.where(valid, seg_start[:, None] + ar, seg_start[:, None])  # pad rows re-read a real row
-        buckets.append(_Bucket(idx.to(device), 0, n, Lmax, mask=valid[:, None, None, :].to(device),
-                               valid=valid.flatten().to(device)))
+        idx = np.where(valid, seg_start[:, None] + ar, seg_start[:, None])  # pad rows re-read a real row
+        src = np.flatnonzero(valid)
+        buckets.append(_Bucket(dev(idx), 0, n, Lmax, mask=dev(valid[:, None, None, :]), src=dev(src),
+                               dest=dev(idx.reshape(-1)[src])))
     return buckets
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: VarlenPlan, backend: str,
-                     scale: float | None = None) -> torch.Tensor:
-    """Bidirectional attention within each segment. q, k, v: (N, H, D) -> (N, H, D)."""
+                     causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """Attention within each segment of ``plan``. q (N, H, D), k/v (N, Hkv, D) (GQA when Hkv < H) -> (N, H, D).
+
+    ``causal``: each token sees the earlier tokens of its segment (the decoder's packed prefill).
+    """
     if backend == "flash":
         return _flash_varlen(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
-                             softmax_scale=scale, causal=False)
+                             softmax_scale=scale, causal=causal)
     if backend == "torch_varlen":
-        return _torch_varlen(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen, scale=scale)
+        return _torch_varlen_call(q, k, v, plan, causal, scale)
+    if causal:
+        raise ValueError("the 'sdpa' varlen backend is bidirectional; run a causal batch padded")
     return _sdpa_buckets(q, k, v, plan, scale)
+
+
+def _torch_varlen_call(q, k, v, plan: VarlenPlan, causal: bool, scale) -> torch.Tensor:
+    kw = {"scale": scale}
+    if causal:
+        if "window_size" in _VARLEN_KW:
+            kw["window_size"] = (-1, 0)
+        else:
+            kw["is_causal"] = True
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in _VARLEN_KW:
+            kw["enable_gqa"] = True
+        else:  # older torch: repeat the KV heads
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return _torch_varlen(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen, **kw)
 
 
 def _sdpa_buckets(q, k, v, plan: VarlenPlan, scale) -> torch.Tensor:
@@ -155,8 +188,8 @@ def _sdpa_buckets(q, k, v, plan: VarlenPlan, scale) -> torch.Tensor:
         qb, kb, vb = (x.index_select(0, flat).view(b.n, b.length, H, D).transpose(1, 2) for x in (q, k, v))
         o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=b.mask, scale=scale)
         o = o.transpose(1, 2).reshape(-1, H, D)  # (n*L, H, D)
-        if b.valid is None:
+        if b.src is None:
             out.index_copy_(0, flat, o)
         else:
-            out[flat[b.valid]] = o[b.valid]
+            out.index_copy_(0, b.dest, o.index_select(0, b.src))
     return out

@@ -100,6 +100,9 @@ class ModelConfig:
             raise ValueError(f"fullatt_block_indexes {v.fullatt_block_indexes} out of range for depth {v.depth}")
         if v.window_size % (v.spatial_merge_size * v.patch_size):
             raise ValueError(f"window_size {v.window_size} must be a multiple of merge*patch size")
+        for where, act in (("text_config", t.hidden_act), ("vision_config", v.hidden_act)):
+            if act not in HIDDEN_ACTS:
+                raise ValueError(f"{where}.hidden_act {act!r} is not implemented (the MLPs here use {HIDDEN_ACTS})")
         return self
 
     # ------------------------------------------------------------------ parsing
@@ -196,57 +199,20 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name: str) -> "ModelConfig":
-        """A named preset: '3b', '7b', '32b', '72b' or 'tiny'."""
+        """A named preset: '3b', '7b' (the published config files), '32b', '72b' (their shapes) or 'tiny'."""
         key = str(name).lower().replace("qwen2.5-vl-", "").replace("-instruct", "")
-        if key in ("3b", "7b"):
-            return cls.from_dict(json.loads(_read_vendored(f"{key}.config.json")))
-        if key in _LARGE_SHAPES:
-            base = cls.from_name("7b")
-            hidden, layers, heads, kv, inter, vis_inter = _LARGE_SHAPES[key]
-            text = replace(base.text, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                           num_key_value_heads=kv, intermediate_size=inter)
-            vision = replace(base.vision, intermediate_size=vis_inter, out_hidden_size=hidden)
-            return replace(base, text=text, vision=vision).validate()
-        if key == "tiny":
-            return tiny_config()
-        raise ValueError(f"unknown config name {name!r}; expected one of {PRESETS}")
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The nested ``config.json`` dict transformers 5 writes (used to build reference models in tests)."""
-        v, t = self.vision, self.text
-        return {
-            "architectures": [ARCHITECTURE],
-            "model_type": "qwen2_5_vl",
-            "image_token_id": self.image_token_id,
-            "video_token_id": self.video_token_id,
-            "vision_start_token_id": self.vision_start_token_id,
-            "vision_end_token_id": self.vision_end_token_id,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "text_config": {
-                "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
-                "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_hidden_layers,
-                "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
-                "rms_norm_eps": t.rms_norm_eps, "max_position_embeddings": t.max_position_embeddings,
-                "hidden_act": t.hidden_act, "bos_token_id": self.bos_token_id,
-                "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
-                "pad_token_id": self.pad_token_id,
-                "rope_parameters": {"rope_type": "default", "mrope_section": list(t.mrope_section),
-                                    "rope_theta": t.rope_theta},
-            },
-            "vision_config": {
-                "depth": v.depth, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
-                "num_heads": v.num_heads, "in_channels": v.in_channels, "patch_size": v.patch_size,
-                "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
-                "window_size": v.window_size, "out_hidden_size": v.out_hidden_size,
-                "fullatt_block_indexes": list(v.fullatt_block_indexes), "tokens_per_second": v.tokens_per_second,
-                "hidden_act": v.hidden_act,
-            },
-        }
+        if key not in PRESETS:
+            raise ValueError(f"unknown config name {name!r}; expected one of {tuple(PRESETS)}")
+        spec = PRESETS[key]
+        if isinstance(spec, str):
+            return cls.from_dict(json.loads(_read_vendored(spec)))
+        base = cls.from_name(spec["base"]) if "base" in spec else cls()
+        return replace(base, text=replace(base.text, **spec.get("text", {})),
+                       vision=replace(base.vision, **spec.get("vision", {})),
+                       **{k: v for k, v in spec.items() if k not in ("base", "text", "vision")}).validate()
 
 
-PRESETS = ("3b", "7b", "32b", "72b", "tiny")
-# hidden, layers, heads, kv heads, intermediate, vision intermediate
-_LARGE_SHAPES = {"32b": (5120, 64, 40, 8, 27648, 3456), "72b": (8192, 80, 64, 8, 29568, 3456)}
+HIDDEN_ACTS = ("silu",)  # the activations the SwiGLU MLPs implement
 
 # Special-token ids of the tiny preset: they index into the small byte-level vocabulary built by
 # ``qwen_batched.tokenizer.ByteTokenizer`` (256 bytes, then the Qwen special tokens in this order).
@@ -255,26 +221,33 @@ TINY_SPECIAL_TOKENS = (
     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 )
 TINY_VOCAB = 320
+_TINY_ID = {tok: 256 + i for i, tok in enumerate(TINY_SPECIAL_TOKENS)}
+
+# Presets: a vendored config file, or keyword overrides of a base preset (or of the defaults).
+PRESETS: dict[str, str | dict] = {
+    "3b": "3b.config.json",
+    "7b": "7b.config.json",
+    "32b": dict(base="7b", text=dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40,
+                                     num_key_value_heads=8, intermediate_size=27648),
+                vision=dict(intermediate_size=3456, out_hidden_size=5120)),
+    "72b": dict(base="7b", text=dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                                     num_key_value_heads=8, intermediate_size=29568),
+                vision=dict(intermediate_size=3456, out_hidden_size=8192)),
+    # real Qwen2.5-VL geometry (patch 14, merge 2, window 112, full-attention blocks) at a small width
+    "tiny": dict(vision=dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                             fullatt_block_indexes=(1, 3)),
+                 text=dict(vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, mrope_section=(4, 6, 6),
+                           max_position_embeddings=32768),
+                 image_token_id=_TINY_ID["<|image_pad|>"], video_token_id=_TINY_ID["<|video_pad|>"],
+                 vision_start_token_id=_TINY_ID["<|vision_start|>"], vision_end_token_id=_TINY_ID["<|vision_end|>"],
+                 eos_token_ids=(_TINY_ID["<|im_end|>"], _TINY_ID["<|endoftext|>"]),
+                 pad_token_id=_TINY_ID["<|endoftext|>"], bos_token_id=_TINY_ID["<|endoftext|>"]),
+}
 
 
 def tiny_config() -> ModelConfig:
-    """Real Qwen2.5-VL geometry (patch 14, merge 2, window 112, full-attention blocks) at a small width."""
-    sid = {tok: 256 + i for i, tok in enumerate(TINY_SPECIAL_TOKENS)}
-    return ModelConfig(
-        vision=VisionConfig(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
-                            fullatt_block_indexes=(1, 3)),
-        text=TextConfig(vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, mrope_section=(4, 6, 6),
-                        max_position_embeddings=32768),
-        tie_word_embeddings=False,
-        image_token_id=sid["<|image_pad|>"],
-        video_token_id=sid["<|video_pad|>"],
-        vision_start_token_id=sid["<|vision_start|>"],
-        vision_end_token_id=sid["<|vision_end|>"],
-        eos_token_ids=(sid["<|im_end|>"], sid["<|endoftext|>"]),
-        pad_token_id=sid["<|endoftext|>"],
-        bos_token_id=sid["<|endoftext|>"],
-    ).validate()
+    return ModelConfig.from_name("tiny")
 
 
 def _read_vendored(name: str) -> str:

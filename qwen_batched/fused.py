@@ -3,8 +3,10 @@
 The processor's resize + patchify kernels (``kernels/patchify.py``) share the switch below. RMSNorm and the vision
 rotary are memory-bound chains of small ops in eager torch (several float32 temporaries
 per call); on CUDA with triton each runs as one kernel with the reference's roundings. Under ``torch.compile``
-the torch reference is used (the compiler fuses it itself). A kernel that fails to build or launch switches
-the Triton path off for the process, with a warning. ``QWEN_BATCHED_TRITON=0`` switches it off up front.
+the torch reference is used (the compiler fuses it itself). A kernel that fails to build or launch
+(``LAUNCH_ERRORS``) switches the Triton path off for the process, with a warning; a kernel's own argument
+checks (ValueError/TypeError) and out-of-memory errors reach the caller. ``QWEN_BATCHED_TRITON=0`` switches the
+kernels off up front. The kernels are imported as ``qwen_batched.kernels`` only (installed from ``kernels/``).
 """
 from __future__ import annotations
 
@@ -13,12 +15,9 @@ import warnings
 
 import torch
 
-try:  # installed layout: the kernels directory is the ``qwen_batched.kernels`` subpackage
-    from .kernels import rmsnorm, rotary
-    from .kernels.patchify import HAS_TRITON, patchify_reference, resize_patchify  # noqa: F401 (processor's)
-except ImportError:  # source checkout: ``kernels`` next to the package
-    from kernels import rmsnorm, rotary
-    from kernels.patchify import HAS_TRITON, patchify_reference, resize_patchify  # noqa: F401
+from qwen_batched.kernels import HAS_TRITON, LAUNCH_ERRORS, rmsnorm, rotary
+from qwen_batched.kernels.patchify import patchify_reference, resize_patchify  # noqa: F401 (the processor's)
+
 _state = {"on": os.environ.get("QWEN_BATCHED_TRITON", "1") != "0"}
 
 
@@ -32,7 +31,10 @@ def _use_kernel(x: torch.Tensor) -> bool:
 
 
 def give_up(name: str, err: Exception) -> None:
-    """A kernel failed to build or launch: switch the Triton path off for the process, with a warning."""
+    """A kernel failed to build or launch: switch the Triton path off for the process, with a warning.
+    Anything else (an argument check's ValueError, out of memory) is re-raised."""
+    if not isinstance(err, LAUNCH_ERRORS) or isinstance(err, torch.cuda.OutOfMemoryError):
+        raise err
     _state["on"] = False
     warnings.warn(f"Triton {name} kernel failed ({type(err).__name__}: {err}); using the torch path from now on")
 
@@ -42,7 +44,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if _use_kernel(x):
         try:
             return rmsnorm.rms_norm(x, weight, eps)
-        except Exception as e:  # build/launch failure on an unusual GPU or triton version
+        except LAUNCH_ERRORS as e:  # build/launch failure on an unusual GPU or triton version
             give_up("rms_norm", e)
     return rmsnorm.rms_norm_reference(x, weight, eps)
 
@@ -52,6 +54,6 @@ def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     if _use_kernel(qkv):
         try:
             return rotary.rotary_qk(qkv, cos, sin)
-        except Exception as e:
+        except LAUNCH_ERRORS as e:
             give_up("rotary", e)
     return rotary.rotary_qk_reference(qkv, cos, sin)

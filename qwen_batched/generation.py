@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .rope import mrope_cos_sin
-from .text import TextModel, last_index, rope_tables, run_batch
+from .text import TextModel, last_index, run_batch
 
 
 class KVCache:
@@ -66,33 +66,46 @@ class DecodeAttention:
 class StaticDecoder(nn.Module):
     """The decode step over a fixed cache: (tokens (B,), positions (3, B), write_idx (B,)) -> logits (B, V) fp32."""
 
-    def __init__(self, text: TextModel, lm_head: nn.Linear, cache: KVCache):
+    def __init__(self, text: TextModel, lm_head: nn.Linear, cache: KVCache, rope: tuple[torch.Tensor, torch.Tensor]):
         super().__init__()
         self.text, self.lm_head, self.cache = text, lm_head, cache
         self.register_buffer("rows", torch.arange(cache.k[0].shape[0], device=cache.k[0].device), persistent=False)
+        self.register_buffer("freqs", rope[0], persistent=False)
+        self.register_buffer("sections", rope[1], persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, write_idx: torch.Tensor) -> torch.Tensor:
         h = self.text.embed_tokens(tokens)[:, None]  # (B, 1, D)
-        freqs, sections = rope_tables(self.text.cfg, h.device)
-        cos, sin = mrope_cos_sin(positions[..., None], freqs, sections, h.dtype)  # (B, 1, hd)
+        cos, sin = mrope_cos_sin(positions[..., None], self.freqs, self.sections, h.dtype)  # (B, 1, hd)
         attn = DecodeAttention(self.cache.k, self.cache.v, self.rows, write_idx)
         h, _ = self.text(h, cos, sin, attn)
         return self.lm_head(h[:, 0]).float()
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-def check_sampling(temperature, top_k, top_p) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+_M1, _M2 = -4658895280553007687, -7723592293110705685  # splitmix64 multipliers, as signed int64
+_GOLDEN = -7046029254386353131
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-           generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) fp32 -> tokens (B,). temperature 0 is greedy; top_k 0 / top_p 1 disable those filters."""
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 (arithmetic mod 2**64; logical shifts by masking the sign extension)."""
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _M1
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _M2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def uniforms(seeds: torch.Tensor, step: int, n: int) -> torch.Tensor:
+    """(B, n) float64 uniforms in (0, 1), a pure function of (row seed, step, column): counter-based, so a row's
+    draws do not depend on which other rows share its batch or how a batch is split. seeds: (B,) int64."""
+    row = _mix64(seeds * _GOLDEN + step)  # (B,)
+    cols = torch.arange(n, device=seeds.device, dtype=torch.int64) * _GOLDEN  # (n,)
+    bits = _mix64(row[:, None] ^ cols)  # (B, n)
+    return (((bits >> 11) & ((1 << 53) - 1)).double() + 0.5) / 2.0 ** 53
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seeds: torch.Tensor | None,
+           step: int = 0) -> torch.Tensor:
+    """logits (B, V) fp32 -> tokens (B,). temperature 0 is greedy; top_k 0 / top_p 1 disable those filters.
+    seeds (B,) int64: each row's randomness (see ``uniforms``); ``step`` the index of the token being drawn."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -104,48 +117,45 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
         p = sorted_logits.softmax(-1)
         drop = (p.cumsum(-1) - p) >= top_p  # the mass before a token already reaches top_p (never the first)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    # Exponential-race sampling: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i.
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / race).argmax(-1)
+    # Exponential race: argmax log p_i - log E_i with E_i = -log U_i ~ Exp(1) draws i with probability p_i.
+    race = -torch.log(-torch.log(uniforms(seeds, step, logits.shape[-1])))
+    return (logits.log_softmax(-1).double() + race).argmax(-1)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def _cache_key(model, batch: int, length: int) -> tuple:
-    return (batch, length, model.dtype, str(model.device), id(model.model))
-
-
 def _decode_fns(model, batch: int, length: int, compile: bool):
-    """(eager StaticDecoder, compiled step or None). With ``compile`` the decoder and its cache are kept on the
-    model and reused while (batch, cache length, dtype, device) stay the same, so the graph is built once."""
-    cfg = model.cfg.text
+    """(eager StaticDecoder, compiled step or None). With ``compile`` the decoder and its cache are kept in
+    ``model.caches.decode`` and reused while (batch, cache length, dtype, device) stay the same, so the graph is
+    built once."""
+    cfg, caches = model.cfg.text, model.caches
     if compile:
-        key = _cache_key(model, batch, length)
-        kept = getattr(model, "_compiled_decode", None)
+        key = (batch, length, model.dtype, str(model.device))
+        kept = caches.decode
         if kept is not None and kept[0] == key:
             dec, step = kept[1], kept[2]
             for t in dec.cache.k + dec.cache.v:
                 t.zero_()
             return dec, step
-        model._compiled_decode = None  # drop the old cache before allocating a new one
+        caches.decode = None  # drop the old cache before allocating a new one
     cache = KVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, length, cfg.head_dim,
                     model.device, model.dtype)
-    dec = StaticDecoder(model.model, model.lm_head, cache)
+    dec = StaticDecoder(model.model, model.lm_head, cache, caches.rope(model.device))
     if not compile:
         return dec, None
     for t in cache.k + cache.v:
         torch._dynamo.mark_static_address(t)
     step = torch.compile(dec, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    model._compiled_decode = (key, dec, step)
+    caches.decode = (key, dec, step)
     return dec, step
 
 
 @torch.inference_mode()
 def generate_tokens(model, embeds: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor, *,
-                    max_new_tokens: int, temperature: float, top_k: int, top_p: float, eos_ids: Sequence[int],
-                    pad_id: int, generator: torch.Generator | None, kernel: str = "sdpa",
-                    compile: bool = False, sync_every: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefill then decode. embeds (B, L, D), position_ids (3, B, L), valid (B, L) bool.
+                    lengths: list[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                    eos_ids: Sequence[int], pad_id: int, seeds: torch.Tensor, compile: bool = False,
+                    sync_every: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill then decode. embeds (B, L, D), position_ids (3, B, L), valid (B, L) bool, lengths: real tokens
+    per row (host), seeds (B,) int64 per-row sampling seeds.
 
     Returns sequences (B, max_new_tokens) (pad after a stop) and lengths (B,) (EOS included).
     """
@@ -156,22 +166,23 @@ def generate_tokens(model, embeds: torch.Tensor, position_ids: torch.Tensor, val
         S = -(-S // 256) * 256
     dec, step_fn = _decode_fns(model, B, S, compile)
     cache = dec.cache
-    last_h, _ = run_batch(model.model, embeds, position_ids, valid, kernel=kernel, sink=cache.prompt_sink(valid))
+    last_h, _ = run_batch(model.model, embeds, position_ids, valid, rope=model.caches.rope(dev),
+                          backend=model.backend, lengths=lengths, sink=cache.prompt_sink(valid))
     logits = model.lm_head(last_h).float()  # (B, V)
 
     rows = torch.arange(B, device=dev)
     last = position_ids[:, rows, last_index(valid)]  # (3, B) position of each row's last prompt token
-    n_prompt = valid.sum(1)  # (B,) compact write index of the first new token
+    n_prompt = torch.tensor(lengths, device=dev)  # (B,) compact write index of the first new token
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=dev)
     seqs = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-    lengths = torch.zeros(B, dtype=torch.long, device=dev)
+    n_new = torch.zeros(B, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
 
     for j in range(max_new_tokens):
-        tok = sample(logits, temperature, top_k, top_p, generator)
+        tok = sample(logits, temperature, top_k, top_p, seeds, j)
         tok = tok.masked_fill(done, pad_id)
         seqs[:, j] = tok
-        lengths += ~done
+        n_new += ~done
         done |= torch.isin(tok, eos)
         if j == max_new_tokens - 1 or ((j + 1) % sync_every == 0 and bool(done.all())):
             break
@@ -184,7 +195,6 @@ def generate_tokens(model, embeds: torch.Tensor, position_ids: torch.Tensor, val
             except Exception as e:  # compile/graph failure: eager from here on (the step is idempotent)
                 warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); running eager")
                 step_fn = None
-                model._compiled_decode = None
+                model.caches.decode = None
         logits = dec(*args)
-    return seqs, lengths
-
+    return seqs, n_new

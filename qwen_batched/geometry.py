@@ -1,7 +1,8 @@
 """Per-batch vision geometry from ``image_grid_thw``: window order, rotary tables, segment plans.
 
-Everything is built with vectorised tensor ops over all images at once (no per-image loop) and cached by the
-tuple of grids, so a pipeline that feeds the same camera sizes every step builds it once.
+Everything is built with vectorised tensor ops over all images at once (no per-image loop), on the host from the
+host grids, then moved to the device; ``ModelCaches.geometry`` keeps it per grid list, so a pipeline that feeds
+the same camera sizes every step builds it once.
 
 Token order conventions (``m`` = spatial merge size, ``W`` = window side in merged tokens):
   * patch rows arrive grouped by merged unit: unit u holds m*m consecutive rows;
@@ -10,9 +11,9 @@ Token order conventions (``m`` = spatial merge size, ``W`` = window side in merg
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .attention import VarlenPlan
@@ -29,27 +30,28 @@ class VisionGeometry:
     full_plan: VarlenPlan
 
 
-def window_layout(grids: torch.Tensor, merge: int, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Window permutation of merged units for all images.
+def window_layout(grids, merge: int, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Window permutation of merged units for all images (numpy on the host).
 
-    grids: (n, 3) int64 (t, h, w) in patches. Returns (window_index (U,), window_sizes (n_windows,) in units,
-    unit_rows (U,), unit_cols (U,)) where rows/cols are the merged-grid coordinates of each unit.
+    grids: (n, 3) ints (t, h, w) in patches. Returns (window_index (U,), window_sizes (n_windows,) in units,
+    unit_rows (U,), unit_cols (U,)) as int64 tensors, where rows/cols are the merged-grid coordinates of each unit.
     """
-    t, h, w = (grids[:, i] for i in range(3))
+    g = np.asarray(grids, dtype=np.int64).reshape(-1, 3)
+    t, h, w = g[:, 0], g[:, 1], g[:, 2]
     hm, wm = h // merge, w // merge
     units = t * hm * wm  # (n,)
-    img = torch.repeat_interleave(torch.arange(len(grids)), units)  # (U,)
-    local = torch.arange(int(units.sum())) - (units.cumsum(0) - units)[img]
+    img = np.repeat(np.arange(len(g)), units)  # (U,)
+    local = np.arange(units.sum()) - (np.cumsum(units) - units)[img]
     wm_u, hm_u = wm[img], hm[img]
     col = local % wm_u
     row = (local // wm_u) % hm_u
     frame = local // (hm_u * wm_u)
     nwh, nww = -(-hm // window), -(-wm // window)  # windows per column / row (ceil)
     wins = t * nwh * nww
-    key = (wins.cumsum(0) - wins)[img] + (frame * nwh[img] + row // window) * nww[img] + col // window
-    window_index = torch.sort(key, stable=True).indices
-    sizes = torch.bincount(key, minlength=int(wins.sum()))
-    return window_index, sizes, row, col
+    key = (np.cumsum(wins) - wins)[img] + (frame * nwh[img] + row // window) * nww[img] + col // window
+    window_index = np.argsort(key, kind="stable")
+    sizes = np.bincount(key, minlength=int(wins.sum()))
+    return tuple(torch.from_numpy(a.astype(np.int64)) for a in (window_index, sizes, row, col))
 
 
 def rotary_tables(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,8 +66,7 @@ def rotary_tables(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, theta: 
 def build_geometry(grids: tuple[tuple[int, int, int], ...], cfg: VisionConfig, device: torch.device,
                    backend: str) -> VisionGeometry:
     m, mu = cfg.spatial_merge_size, cfg.merge_unit
-    g = torch.tensor(grids, dtype=torch.int64).view(-1, 3)
-    window_index, win_sizes, urow, ucol = window_layout(g, m, cfg.window_merged)
+    window_index, win_sizes, urow, ucol = window_layout(grids, m, cfg.window_merged)
     reverse_index = torch.empty_like(window_index)
     reverse_index[window_index] = torch.arange(len(window_index))
     # patch coordinates in window order: unit (r, c) holds patches (m*r + i, m*c + j), i, j < m
@@ -73,32 +74,12 @@ def build_geometry(grids: tuple[tuple[int, int, int], ...], cfg: VisionConfig, d
     prow = (urow[window_index, None] * m + sub // m).flatten()
     pcol = (ucol[window_index, None] * m + sub % m).flatten()
     cos, sin = rotary_tables(prow, pcol, cfg.head_dim, cfg.rope_theta)
-    frame_lens = torch.repeat_interleave(g[:, 1] * g[:, 2], g[:, 0])
+    frame_lens = [h * w for t, h, w in grids for _ in range(t)]
     return VisionGeometry(
         window_index=window_index.to(device),
         reverse_index=reverse_index.to(device),
         cos=cos.to(device),
         sin=sin.to(device),
-        window_plan=VarlenPlan.build((win_sizes * mu).tolist(), device, backend),
-        full_plan=VarlenPlan.build(frame_lens.tolist(), device, backend),
+        window_plan=VarlenPlan.build((win_sizes.numpy() * mu).tolist(), device, backend),
+        full_plan=VarlenPlan.build(frame_lens, device, backend),
     )
-
-
-class GeometryCache:
-    """LRU cache of ``VisionGeometry`` keyed by (grids, device, backend)."""
-
-    def __init__(self, capacity: int = 64):
-        self.capacity = capacity
-        self._store: OrderedDict = OrderedDict()
-
-    def get(self, grids, cfg: VisionConfig, device: torch.device, backend: str) -> VisionGeometry:
-        key = (grids, str(device), backend)
-        geo = self._store.get(key)
-        if geo is None:
-            geo = build_geometry(grids, cfg, device, backend)
-            self._store[key] = geo
-            if len(self._store) > self.capacity:
-                self._store.popitem(last=False)
-        else:
-            self._store.move_to_end(key)
-        return geo

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from .config import TINY_VOCAB, ModelConfig, default_chat_template, default_preprocessor_config
-from .prompts import (IMAGE_TOKEN, VIDEO_TOKEN, ModelInputs, check_placeholders, expand_image_tokens, pad_batch,
+from .inputs import BatchLayout, ModelInputs
+from .prompts import (IMAGE_TOKEN, VIDEO_TOKEN, check_placeholders, expand_image_tokens, pad_batch,
                       render_builtin, render_jinja, render_raw)
 from .resize import device_taps, resize_float
 from .tokenizer import ByteTokenizer, load_tokenizer
@@ -459,9 +460,17 @@ class BatchedImageProcessor:
             vstarts = np.cumsum([0] + vcounts).tolist()
             prompts = [expand_image_tokens(p, per_video[a:b], VIDEO_TOKEN)
                        for p, a, b in zip(prompts, vstarts, vstarts[1:])]
-        ids, mask, mm = pad_batch(self.tokenizer.encode_batch(prompts), self.pad_token_id, self.image_token_id,
-                                  padding_side, out_dev, video_token_id=self.video_token_id)
-        out = ModelInputs(ids, mask, mm, images_per_sample=tuple(counts), videos_per_sample=tuple(vcounts))
+        encoded = self.tokenizer.encode_batch(prompts)
+        ids, mask, mm = pad_batch(encoded, self.pad_token_id, self.image_token_id, padding_side, out_dev,
+                                  video_token_id=self.video_token_id)
+        width, lens = ids.shape[1], [len(e) for e in encoded]
+        first = [width - n if padding_side == "left" else 0 for n in lens]
+        layout = BatchLayout(first=tuple(first), last=tuple(f + n - 1 for f, n in zip(first, lens)),
+                             image_grids=tuple(map(tuple, grids)), images_per_row=tuple(counts),
+                             video_grids=tuple(map(tuple, vgrids)) if vgroups else (),
+                             videos_per_row=tuple(vcounts) if vgroups else ())
+        out = ModelInputs(ids, mask, mm, images_per_sample=tuple(counts), videos_per_sample=tuple(vcounts),
+                          layout=layout)
         if grids:
             out.pixel_values, out.image_grid_thw = processed.pixel_values, processed.image_grid_thw
         if video is not None:

@@ -2,11 +2,12 @@
 
 A robot policy calls the backbone every control step with the same cameras, the same frame size and an
 instruction that rarely changes. ``model.feature_step(B, N, H, W)`` builds everything that depends only on
-those shapes once: the resize target and bands, the vision geometry (window order, rotary tables, segment plans
-that never pad), the prompt around the images, the image-token scatter index and the decoder's 3-D positions
+those shapes once: the resize target and bands, the vision geometry (window order, rotary tables, segment
+plans), the prompt around the images, the image-token scatter index and the decoder's 3-D positions
 and rotary tables. A warm call then reads nothing back from the device: frames in, features out, the same
 shapes every call. With ``compile=True`` the device part goes through ``torch.compile(fullgraph=True)`` and, on
-CUDA, is captured with the preprocessing as one CUDA graph.
+CUDA, is captured with the preprocessing as one CUDA graph (``cuda_graph=True`` captures the eager step, which
+builds in seconds instead of a compilation's minutes).
 
 Token layout. ``extract_features`` puts a sample's images, then its text, in the user turn. Inside the step the
 text slot is right-padded: ``[prefix and image blocks (P)][text (t)][suffix (S)][pad (T - t)]``, length
@@ -25,15 +26,13 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from .attention import VarlenPlan, resolve_backend
-from .config import VisionConfig
+from .attention import PACKED_BACKENDS, VarlenPlan
 from .fused import give_up, kernels_enabled, patchify_reference, resize_patchify
-from .geometry import VisionGeometry, build_geometry
 from .outputs import FeatureOutput
 from .prompts import IMAGE_TOKEN, expand_image_tokens, render_builtin, render_jinja
 from .resize import device_taps, resize_bands, resize_float
 from .rope import mrope_cos_sin, rope_index
-from .text import PackedAttention, rope_tables
+from .text import PackedAttention
 from .validation import check_context, resolve_layers
 
 _CACHE = 64  # distinct text tuples (and single texts x 16) kept tokenized, least recently used first out
@@ -41,18 +40,6 @@ _CACHE = 64  # distinct text tuples (and single texts x 16) kept tokenized, leas
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def exact_geometry(grids: tuple[tuple[int, int, int], ...], cfg: VisionConfig, device: torch.device,
-                   backend: str) -> VisionGeometry:
-    """``build_geometry`` with segment plans that never pad: each distinct segment length is its own SDPA bucket
-    (a view or an index gather). A padded bucket writes back through a boolean mask, a host read."""
-    geo = build_geometry(grids, cfg, device, backend)
-
-    def exact(plan: VarlenPlan) -> VarlenPlan:
-        return VarlenPlan.build(plan.cu_seqlens.diff().tolist(), device, backend, pad_waste=0.0)
-
-    return dataclasses.replace(geo, window_plan=exact(geo.window_plan), full_plan=exact(geo.full_plan))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,13 +139,18 @@ class FeatureStep:
     """
 
     def __init__(self, model, batch_size: int, n_cameras: int, height: int, width: int, *, texts=None,
-                 max_text_tokens: int = 32, layers=(-1,), compile: bool = False, cameras=None):
+                 max_text_tokens: int = 32, layers=(-1,), compile: bool = False, cuda_graph: bool | None = None,
+                 cameras=None):
         for name, v in (("batch_size", batch_size), ("n_cameras", n_cameras), ("height", height), ("width", width),
                         ("max_text_tokens", max_text_tokens)):
             if not _is_int(v) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+        if cuda_graph is not None and not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be None or a bool, got {type(cuda_graph).__name__}")
+        if cuda_graph and model.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {model.device}")
         self.cameras = self._check_cameras(cameras, n_cameras)
         proc = model.processor
         if proc is None or proc.tokenizer is None:
@@ -167,12 +159,13 @@ class FeatureStep:
         cfg, vcfg = model.cfg, model.cfg.vision
         self.layers = resolve_layers(layers, cfg.text.num_hidden_layers)
         self.model, self.compile = model, compile
+        self.cuda_graph = (compile and model.device.type == "cuda") if cuda_graph is None else cuda_graph
         self.batch_size, self.n_cameras, self.height, self.width = batch_size, n_cameras, height, width
         self.max_text_tokens = max_text_tokens
         self.image_size = proc.smart_resize(height, width)  # ValueError for an extreme aspect ratio
         device, dtype = model.device, model.dtype
         self.device, self.dtype = device, dtype
-        self.backend = resolve_backend(model.attn_backend, device, dtype)
+        self.backend = model.backend
         B, N = batch_size, n_cameras
 
         # preprocessing: resize bands / taps and the normalisation for uint8 and float frames
@@ -188,10 +181,8 @@ class FeatureStep:
         self._patch_kw = dict(patch_size=proc.patch_size, temporal_patch_size=proc.temporal_patch_size,
                               merge_size=proc.merge_size)
 
-        # vision tower: one geometry for the B*N same-size images
-        self._geo = exact_geometry(((1, gh, gw),) * (B * N), vcfg, device, self.backend)
-        full = frozenset(vcfg.fullatt_block_indexes)
-        self._plans = [self._geo.full_plan if i in full else self._geo.window_plan for i in range(vcfg.depth)]
+        # vision tower: one geometry for the B*N same-size images (kept here even if the model's cache drops it)
+        self._geo = model.caches.geometry(((1, gh, gw),) * (B * N), device, self.backend)
 
         # prompt: fixed layout, positions and rotary tables, image-token columns
         self.prompt = PromptTokens(proc, N, self.tokens_per_image, max_text_tokens, cfg.image_token_id,
@@ -204,17 +195,15 @@ class FeatureStep:
         grids = torch.tensor([[1, gh, gw]] * N)
         pos, _ = rope_index(ref, None, grids, image_token_id=cfg.image_token_id,
                             spatial_merge_size=vcfg.spatial_merge_size)  # (3, 1, L)
-        freqs, sections = rope_tables(cfg.text, device)
-        cos, sin = mrope_cos_sin(pos.to(device), freqs, sections, dtype)  # (1, L, hd)
+        cos, sin = mrope_cos_sin(pos.to(device), *model.caches.rope(device), dtype)  # (1, L, hd)
         image_cols = torch.nonzero(ref[0] == cfg.image_token_id).flatten()  # (N*tokens_per_image,)
         self._image_index = (torch.arange(B)[:, None] * L + image_cols).flatten().to(device)  # into (B*L)
         self.image_mask = torch.zeros(B, L, dtype=torch.bool)
         self.image_mask[:, image_cols] = True
         self.image_mask = self.image_mask.to(device)
         self._cols = torch.arange(L, device=device)
-        if self.backend in ("flash", "torch_varlen"):  # causal varlen over B equal segments: tokens packed (B*L)
-            cu = torch.arange(0, B * L + 1, L, dtype=torch.int32, device=device)
-            self._attn = PackedAttention(cu, L, self.backend)
+        if self.backend in PACKED_BACKENDS:  # causal varlen over B equal segments: tokens packed (B*L)
+            self._attn = PackedAttention(VarlenPlan.build([L] * B, device, self.backend), self.backend)
             self._cos, self._sin = (t.expand(B, L, -1).reshape(B * L, -1) for t in (cos, sin))
         else:
             self._attn = _causal_sdpa
@@ -327,21 +316,11 @@ class FeatureStep:
                              bands=self._bands).view(n, 1, 3, *self.image_size)
         return patchify_reference(x, mean, std, **self._patch_kw)
 
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Patch rows -> merged vision features (B*N*tokens_per_image, D) in raster order per image."""
-        v, geo = self.model.visual, self._geo
-        D, mu = v.cfg.hidden_size, v.cfg.merge_unit
-        x = v.patch_embed(pixels.to(self.dtype))  # (n_patches, D)
-        x = x.view(-1, mu, D).index_select(0, geo.window_index).view(-1, D)  # window order
-        for blk, plan in zip(v.blocks, self._plans):
-            x = blk(x, geo.cos, geo.sin, plan, self.backend)
-        return v.merger(x).index_select(0, geo.reverse_index)
-
     def _forward(self, pixels: torch.Tensor, ids: torch.Tensor, pad: torch.Tensor):
         """The device part: pixels (n_patches, C*T*P*P), ids (B, L), pad (B,) -> (hidden states, mask, vision)."""
         B, L, P = self.batch_size, self.length, self._prefix_len
         text = self.model.model
-        vis = self._encode(pixels).to(self.dtype)  # (B*N*tokens_per_image, D)
+        vis = self.model.visual(pixels, self._geo, self.backend).to(self.dtype)  # (B*N*tokens_per_image, D)
         h = text.embed_tokens(ids).flatten(0, 1).index_copy(0, self._image_index, vis)  # (B*L, D)
         D = h.shape[-1]
         if self._attn is _causal_sdpa:
@@ -360,7 +339,7 @@ class FeatureStep:
     def __call__(self, frames, texts=None) -> FeatureOutput:
         frames = self._check_frames(frames)
         ids, pad = self._text_tensors(self._resolve_texts(texts))
-        if self.compile and self.device.type == "cuda":
+        if self.cuda_graph:
             return self._replay(frames, ids, pad)
         if isinstance(frames, list):
             frames = torch.stack(frames, dim=1)  # (B, N, 3, H, W)
@@ -372,8 +351,8 @@ class FeatureStep:
                              vision_embeds=vis, layers=self.layers)
 
     def _replay(self, frames, ids, pad) -> FeatureOutput:
-        """CUDA + compile: copy the inputs into the static buffers, replay the graph, copy the outputs out (a
-        replay overwrites the previous outputs)."""
+        """CUDA graph: copy the inputs into the static buffers, replay the graph, copy the outputs out (a replay
+        overwrites the previous outputs)."""
         dtype = frames[0].dtype if isinstance(frames, list) else frames.dtype
         g = self._graphs.get(dtype)
         if g is None:
@@ -390,7 +369,7 @@ class FeatureStep:
         return self._output(tuple(h.clone() for h in hidden), mask.clone(), vis.clone())
 
     def _capture(self, dtype: torch.dtype, ids: torch.Tensor, pad: torch.Tensor) -> _Graph:
-        """Warm up (compiles) on a side stream, then capture preprocessing + the compiled device part."""
+        """Warm up (builds kernels, compiles) on a side stream, then capture preprocessing + the device part."""
         frames = torch.zeros(self.batch_size, self.n_cameras, 3, self.height, self.width, dtype=dtype,
                              device=self.device)
         ids, pad = ids.clone(), pad.clone()
@@ -413,4 +392,5 @@ class FeatureStep:
         return (f"FeatureStep(batch_size={self.batch_size}, n_cameras={self.n_cameras}, {self.height}x{self.width} "
                 f"-> {self.image_size[0]}x{self.image_size[1]}, tokens={self.length} "
                 f"(max_text_tokens={self.max_text_tokens}), layers={self.layers}, compile={self.compile}, "
+                f"cuda_graph={self.cuda_graph}, "
                 f"backend={self.backend!r})")

@@ -17,18 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import PACKED_BACKENDS, VarlenPlan, varlen_attention
 from .config import TextConfig
 from .layers import RMSNorm, SwiGLU
-from .rope import apply_rope, inv_freq, mrope_cos_sin, section_index
-
-try:  # optional: pip install qwen_batched[flash]
-    from flash_attn import flash_attn_varlen_func as _flash_varlen
-except Exception:  # ImportError, or a broken CUDA build
-    _flash_varlen = None
-try:
-    from torch.nn.attention.varlen import varlen_attn as _torch_varlen
-except Exception:
-    _torch_varlen = None
+from .rope import apply_rope, mrope_cos_sin
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -132,59 +124,42 @@ def padded_mask(valid: torch.Tensor) -> torch.Tensor:
 class PackedAttention:
     """Causal varlen attention over packed tokens (CUDA, fp16/bf16): q (T, H, hd), k/v (T, Hkv, hd)."""
 
-    def __init__(self, cu_seqlens: torch.Tensor, max_len: int, kernel: str, sink: Callable | None = None):
-        if kernel not in ("flash", "torch_varlen"):
-            raise ValueError(f"packed attention kernel must be 'flash' or 'torch_varlen', got {kernel!r}")
-        self.cu, self.max_len, self.kernel, self.sink = cu_seqlens, max_len, kernel, sink
+    def __init__(self, plan: VarlenPlan, backend: str, sink: Callable | None = None):
+        self.plan, self.backend, self.sink = plan, backend, sink
 
     def __call__(self, idx, q, k, v):
         if self.sink is not None:
             self.sink(idx, k, v)
-        if self.kernel == "flash":
-            o = _flash_varlen(q, k, v, self.cu, self.cu, self.max_len, self.max_len, causal=True)
-        else:
-            o = _torch_varlen(q, k, v, self.cu, self.cu, self.max_len, self.max_len, window_size=(-1, 0),
-                              enable_gqa=q.shape[-2] != k.shape[-2])
-        return _merge_heads(o)
+        return _merge_heads(varlen_attention(q, k, v, self.plan, self.backend, causal=True))
 
 
 # ---------------------------------------------------------------------------------------------- batch forward
-_ROPE_TABLES: dict = {}
-
-
-def rope_tables(cfg: TextConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 inverse frequencies, section axis index), cached per device; never cast with the model."""
-    key = (cfg.head_dim, cfg.rope_theta, tuple(cfg.mrope_section), str(device))
-    if key not in _ROPE_TABLES:
-        _ROPE_TABLES[key] = (inv_freq(cfg.head_dim, cfg.rope_theta, device), section_index(cfg.mrope_section, device))
-    return _ROPE_TABLES[key]
-
-
 def last_index(valid: torch.Tensor) -> torch.Tensor:
     """valid (B, L) bool -> (B,) index of each row's last real token."""
     return valid.shape[1] - 1 - valid.flip(1).int().argmax(1)
 
 
 def run_batch(text: TextModel, h: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor, *,
-              kernel: str = "sdpa", depth: int | None = None, keep: Iterable[int] = (), final_norm: bool = True,
+              rope: tuple[torch.Tensor, torch.Tensor], backend: str = "sdpa", lengths: list[int] | None = None,
+              depth: int | None = None, keep: Iterable[int] = (), final_norm: bool = True,
               sink: Callable | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Decoder over a padded batch.
 
-    h: (B, L, D) input embeddings; position_ids: (3, B, L); valid: (B, L) bool.
-    kernel: 'sdpa' (padded, masked SDPA) or 'flash' / 'torch_varlen' (real tokens packed, causal varlen).
+    h: (B, L, D) input embeddings; position_ids: (3, B, L); valid: (B, L) bool; rope: (inverse frequencies,
+    section index) from ``ModelCaches.rope``. backend: 'sdpa' (padded, masked SDPA) or 'flash' / 'torch_varlen'
+    (real tokens packed, causal varlen; ``lengths`` = real tokens per row, known on the host).
     sink(layer, k, v): receives each layer's rotated k/v of the real tokens, (T, Hkv, hd) in (batch, seq) order.
     Returns (last (B, D): state at each row's last real token, {index: (B, L, D) state, zero at pads}).
     """
-    freqs, sections = rope_tables(text.cfg, h.device)
-    cos, sin = mrope_cos_sin(position_ids, freqs, sections, h.dtype)  # (B, L, hd)
+    cos, sin = mrope_cos_sin(position_ids, *rope, h.dtype)  # (B, L, hd)
     B, L, D = h.shape
-    if kernel in ("flash", "torch_varlen"):
+    if backend in PACKED_BACKENDS:
         try:
-            return _run_packed(text, h, cos, sin, valid, kernel, depth, keep, final_norm, sink)
+            return _run_packed(text, h, cos, sin, valid, backend, lengths, depth, keep, final_norm, sink)
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError as e:  # e.g. a GPU the varlen kernel does not support: padded SDPA instead
-            warnings.warn(f"packed {kernel} prefill failed ({e}); using padded SDPA")
+            warnings.warn(f"packed {backend} prefill failed ({e}); using padded SDPA")
     attn = PaddedAttention(padded_mask(valid), sink, valid)
     out, states = text(h, cos, sin, attn, depth=depth, keep=keep, final_norm=final_norm)
     pad = ~valid[..., None]
@@ -192,17 +167,18 @@ def run_batch(text: TextModel, h: torch.Tensor, position_ids: torch.Tensor, vali
     return out[rows, last_index(valid)], {i: x.masked_fill(pad, 0) for i, x in states.items()}
 
 
-def _run_packed(text, h, cos, sin, valid, kernel, depth, keep, final_norm, sink):
+def _run_packed(text, h, cos, sin, valid, backend, lengths, depth, keep, final_norm, sink):
     """run_batch with the real tokens packed into (T, D) and causal varlen attention."""
     B, L, D = h.shape
     tok = valid.flatten().nonzero().squeeze(1)  # (T,) real tokens in (batch, seq) order
-    lens = valid.sum(1)
-    cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)  # (B+1,)
-    attn = PackedAttention(cu, int(lens.max()), kernel, sink)
+    if lengths is None:
+        lengths = valid.sum(1).tolist()
+    plan = VarlenPlan.build(lengths, h.device, backend)
+    attn = PackedAttention(plan, backend, sink)
     out, packed = text(h.flatten(0, 1)[tok], cos.flatten(0, 1)[tok], sin.flatten(0, 1)[tok], attn,
                        depth=depth, keep=keep, final_norm=final_norm)
 
     def unpack(x):  # (T, D) -> (B, L, D), zeros at pads
         return x.new_zeros(B * L, D).index_copy_(0, tok, x).view(B, L, D)
 
-    return out[cu[1:].long() - 1], {i: unpack(x) for i, x in packed.items()}
+    return out[plan.cu_seqlens[1:].long() - 1], {i: unpack(x) for i, x in packed.items()}

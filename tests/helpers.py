@@ -15,6 +15,39 @@ def tiny_model_config(**vision_overrides) -> ModelConfig:
     return cfg
 
 
+def hf_config_dict(cfg: ModelConfig) -> dict:
+    """The nested ``config.json`` dict transformers 5 writes for ``cfg`` (to build reference models)."""
+    v, t = cfg.vision, cfg.text
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "image_token_id": cfg.image_token_id,
+        "video_token_id": cfg.video_token_id,
+        "vision_start_token_id": cfg.vision_start_token_id,
+        "vision_end_token_id": cfg.vision_end_token_id,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "text_config": {
+            "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
+            "rms_norm_eps": t.rms_norm_eps, "max_position_embeddings": t.max_position_embeddings,
+            "hidden_act": t.hidden_act, "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0],
+            "pad_token_id": cfg.pad_token_id,
+            "rope_parameters": {"rope_type": "default", "mrope_section": list(t.mrope_section),
+                                "rope_theta": t.rope_theta},
+        },
+        "vision_config": {
+            "depth": v.depth, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+            "num_heads": v.num_heads, "in_channels": v.in_channels, "patch_size": v.patch_size,
+            "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
+            "window_size": v.window_size, "out_hidden_size": v.out_hidden_size,
+            "fullatt_block_indexes": list(v.fullatt_block_indexes), "tokens_per_second": v.tokens_per_second,
+            "hidden_act": v.hidden_act,
+        },
+    }
+
+
 def make_hf_model(cfg: ModelConfig | None = None, seed: int = 0, attn: str = "sdpa"):
     """A random-weight ``Qwen2_5_VLForConditionalGeneration`` (fp32, eval) for ``cfg`` (default: tiny).
 
@@ -24,7 +57,7 @@ def make_hf_model(cfg: ModelConfig | None = None, seed: int = 0, attn: str = "sd
 
     cfg = cfg or tiny_config()
     torch.manual_seed(seed)
-    hf_cfg = Qwen2_5_VLConfig(**cfg.to_hf_dict())
+    hf_cfg = Qwen2_5_VLConfig(**hf_config_dict(cfg))
     hf_cfg._attn_implementation = attn
     model = Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
     g = torch.Generator().manual_seed(seed + 1)

@@ -20,4 +20,4 @@ def test_compiled_decode_equals_eager():
     fallbacks = [str(w.message) for w in caught if "decode step failed" in str(w.message)]
     assert not fallbacks, fallbacks
     assert torch.equal(first.sequences, ref.sequences) and torch.equal(again.sequences, ref.sequences)
-    assert m._compiled_decode is not None  # the compiled step is kept for the next call of the same shape
+    assert m.caches.decode is not None  # the compiled step is kept for the next call of the same shape

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from qwen_batched import ModelInputs
 from qwen_batched.generation import StaticDecoder, sample
 from tests.helpers import model_inputs, pad_rows
 
@@ -105,17 +106,31 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(models, batch, greedy):
 def test_sample_filters_and_distribution():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(40000, -1)
-    gen = torch.Generator().manual_seed(0)
-    freq = torch.bincount(sample(logits, 1.0, 0, 1.0, gen), minlength=4) / 40000
-    assert (freq - probs).abs().max() < 0.01  # draws follow the distribution
-    freq_k = torch.bincount(sample(logits, 1.0, 2, 1.0, gen), minlength=4) / 40000
+    seeds = torch.arange(40000)
+
+    def freq(temperature, top_k, top_p, step):
+        return torch.bincount(sample(logits, temperature, top_k, top_p, seeds, step), minlength=4) / 40000
+
+    assert (freq(1.0, 0, 1.0, 0) - probs).abs().max() < 0.01  # draws follow the distribution
+    freq_k = freq(1.0, 2, 1.0, 1)
     assert freq_k[2:].sum() == 0 and abs(freq_k[0] - 0.625) < 0.01  # top-2 renormalised
-    freq_p = torch.bincount(sample(logits, 1.0, 0, 0.7, gen), minlength=4) / 40000
+    freq_p = freq(1.0, 0, 0.7, 2)
     assert freq_p[2:].sum() == 0 and abs(freq_p[0] - 0.625) < 0.01  # 0.5 + 0.3 reaches 0.7
-    freq_t = torch.bincount(sample(logits, 0.5, 0, 1.0, gen), minlength=4) / 40000
     sharp = probs ** 2 / (probs ** 2).sum()
-    assert (freq_t - sharp).abs().max() < 0.01
+    assert (freq(0.5, 0, 1.0, 3) - sharp).abs().max() < 0.01
     assert torch.equal(sample(logits[:3], 0.0, 0, 1.0, None), torch.zeros(3, dtype=torch.long))
+
+
+def test_draws_are_a_function_of_seed_and_step():
+    """Counter-based: a row's draw depends on (its seed, step) only, not on the rows beside it."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g)
+    seeds = torch.tensor([11, 12, 13, 14, 15, 16])
+    full = sample(logits, 1.0, 0, 1.0, seeds, 5)
+    part = sample(logits[[4, 1]], 1.0, 0, 1.0, seeds[[4, 1]], 5)
+    assert torch.equal(part, full[[4, 1]])
+    steps = torch.stack([sample(logits, 1.0, 0, 1.0, seeds, j) for j in range(8)])
+    assert len({tuple(r) for r in steps.T.tolist()}) > 1  # steps draw anew
 
 
 @pytest.mark.parametrize("kwargs, err, match", [
@@ -160,3 +175,22 @@ def test_images_texts_go_through_processor(models):
     assert out.sequences.tolist() == hf_generate(hf, hf_in, n=8).tolist()
     f = m.extract_features(images=images, texts=texts, layers=[-1]).hidden_states[0]
     assert torch.equal(f, m.extract_features(**explicit, layers=[-1]).hidden_states[0])
+
+
+def test_sampling_does_not_depend_on_batching(models, batch):
+    """With a seed, each row's sampled tokens are the same alone, in the batch, and across max_batch_tokens splits."""
+    _, m = models
+    kw = dict(max_new_tokens=N_NEW, eos_token_id=[], temperature=1.0, top_k=20)
+    inputs = model_inputs(batch)
+    full = m.generate(**inputs, **kw, seed=[101, 202, 303]).sequences
+    L = inputs["input_ids"].shape[1]
+    split = m.generate(**inputs, **kw, seed=[101, 202, 303], max_batch_tokens=L + N_NEW).sequences
+    assert torch.equal(split, full)
+    prepared = m.validate(ModelInputs(**inputs))
+    for row, s in ((2, 303), (0, 101)):
+        alone = m.generate(prepared.select_rows([row]), **kw, seed=[s]).sequences
+        assert torch.equal(alone[0], full[row])
+    same_int = m.generate(**inputs, **kw, seed=5).sequences
+    assert torch.equal(same_int, m.generate(**inputs, **kw, seed=5, max_batch_tokens=L + N_NEW).sequences)
+    with pytest.raises(ValueError, match="one per row"):
+        m.generate(**inputs, **kw, seed=[1, 2])

@@ -32,7 +32,7 @@ def test_packed_prefill_matches_padded_sdpa_and_reference(setup):
     d, hf32, hf16, b = setup
     packed = QwenBatchedVL.from_pretrained(d, device="cuda", dtype=torch.bfloat16)  # auto: varlen kernels
     padded = QwenBatchedVL.from_pretrained(d, device="cuda", dtype=torch.bfloat16, attn_backend="sdpa")
-    assert packed._text_kernel() in ("flash", "torch_varlen")
+    assert packed.backend in ("flash", "torch_varlen")
     inputs = dict(model_inputs(b), pixel_values=b["pixel_values"].bfloat16())
     a = packed.extract_features(**inputs, layers=[-1]).hidden_states[0]
     p = padded.extract_features(**inputs, layers=[-1]).hidden_states[0]

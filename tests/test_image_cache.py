@@ -21,9 +21,9 @@ def _count_vision_rows(model):
     calls = []
     orig = model.visual.forward
 
-    def wrapped(pv, grid, **kw):
+    def wrapped(pv, *args, **kw):
         calls.append(pv.shape[0])
-        return orig(pv, grid, **kw)
+        return orig(pv, *args, **kw)
     model.visual.forward = wrapped
     return calls
 

@@ -13,10 +13,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 from qwen_batched.processor import CLIP_MEAN, CLIP_STD  # noqa: E402
 from qwen_batched.resize import device_taps, resize_float  # noqa: E402
 
-try:  # noqa: E402
-    from qwen_batched.kernels.patchify import patchify, patchify_reference, resize_patchify
-except ImportError:
-    from kernels.patchify import patchify, patchify_reference, resize_patchify
+from qwen_batched.kernels.patchify import patchify, patchify_reference, resize_patchify  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MEAN255 = torch.tensor(CLIP_MEAN) * 255.0

@@ -100,3 +100,15 @@ def test_kernel_failure_falls_back_with_a_warning(monkeypatch):
         y = fused.rms_norm(x, w, 1e-6)
     torch.testing.assert_close(y, fused.rmsnorm.rms_norm_reference(x, w, 1e-6))
     assert fused._state["on"] is False
+
+
+def test_kernel_argument_error_reaches_the_caller(monkeypatch):
+    """A kernel's own argument check (ValueError) is the caller's bug: it propagates and the kernels stay on."""
+    import qwen_batched.fused as fused
+
+    monkeypatch.setattr(fused, "_use_kernel", lambda x: fused._state["on"])
+    monkeypatch.setitem(fused._state, "on", True)
+    x = torch.randn(4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        fused.rms_norm(x, torch.ones(8, device=DEVICE), 1e-6)
+    assert fused._state["on"] is True

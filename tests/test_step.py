@@ -1,15 +1,13 @@
 """model.feature_step: the real tokens equal extract_features (fp32, 1e-5 of max |ref|) for several frame sizes,
 batch sizes and dict inputs; a warm step reads nothing back from the device; the compiled step equals eager and
-does not recompile when the texts change; every bad input is a clear error before any work. CUDA checks (sync
-debug mode, graph capture) skip without a GPU."""
+does not recompile when the texts change; every bad input is a clear error before any work. The CUDA checks
+(sync debug mode, graph capture) are in test_gpu_step.py."""
 import pytest
 import torch
 
-from qwen_batched import QwenBatchedVL
-from tests.helpers import make_hf_model, rel_err
+from tests.helpers import rel_err
 from tests.host_reads import count_host_reads
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TEXTS = ["pick up the red cube", "", "x" * 20]  # the last one fills max_text_tokens=20 exactly
 
 
@@ -156,6 +154,8 @@ def test_bad_inputs_fail_before_any_work(models, monkeypatch):
             (dict(max_text_tokens=0), ValueError, "max_text_tokens"),
             (dict(max_text_tokens=40_000), ValueError, "context"),
             (dict(compile="yes"), TypeError, "compile"),
+            (dict(cuda_graph=1), TypeError, "cuda_graph"),
+            (dict(cuda_graph=True), ValueError, "CUDA"),
             (dict(cameras="a"), TypeError, "cameras"),
             (dict(cameras=["a", "a"]), ValueError, "distinct"),
             (dict(cameras=["a"]), ValueError, "n_cameras=2"),
@@ -185,59 +185,3 @@ def test_example_step(capsys):
     example.main(["--step", "--batch", "2", "--cameras", "2", "--size", "84", "--iters", "2"])
     out = capsys.readouterr().out
     assert "image tokens per sample: 18" in out and "ms per step" in out
-
-
-# ---------------------------------------------------------------------------------------------- CUDA
-@pytest.fixture(scope="module")
-def cuda_model():
-    return QwenBatchedVL.from_hf(make_hf_model().to("cuda")) if torch.cuda.is_available() else None
-
-
-@cuda
-def test_cuda_step_equals_extract_features(cuda_model):
-    m = cuda_model
-    frames = _frames(2, 2, 70, 100, device="cuda")
-    out = m.feature_step(2, 2, 70, 100, max_text_tokens=20)(frames, TEXTS[:2])
-    assert_real_tokens_equal(out, m.extract_features(images=frames, texts=TEXTS[:2], layers=[-1]))
-
-
-@cuda
-@pytest.mark.parametrize("compile", [False, True])
-def test_cuda_warm_step_never_syncs(cuda_model, compile):
-    m = cuda_model
-    step = m.feature_step(2, 2, 70, 100, texts="pick", max_text_tokens=20, compile=compile)
-    frames = _frames(2, 2, 70, 100, device="cuda")
-    step(frames)  # warm-up (and capture)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out = step(frames)
-        step({"a": frames[:, 0], "b": frames[:, 1]})
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert_real_tokens_equal(out, m.extract_features(images=frames, texts=["pick"] * 2, layers=[-1]), tol=1e-4)
-
-
-@cuda
-def test_cuda_graph_step_equals_eager_and_keeps_results(cuda_model):
-    m = cuda_model
-    eager = m.feature_step(2, 2, 70, 100, texts="pick", max_text_tokens=20)
-    graph = m.feature_step(2, 2, 70, 100, texts="pick", max_text_tokens=20, compile=True)
-    f1, f2 = _frames(2, 2, 70, 100, device="cuda"), _frames(2, 2, 70, 100, seed=5, device="cuda")
-    a1 = graph(f1)
-    a2 = graph(f2, ["go left", "a longer instruction"])  # a replay with new inputs must not overwrite a1
-    b1, b2 = eager(f1), eager(f2, ["go left", "a longer instruction"])
-    assert len(graph._graphs) == 1
-    for a, b in ((a1, b1), (a2, b2)):
-        assert rel_err(a.hidden_states[0], b.hidden_states[0]) <= 1e-4
-        assert torch.equal(a.attention_mask, b.attention_mask)
-
-
-@cuda
-def test_cuda_bf16_graph_step_matches_extract_features():
-    m = QwenBatchedVL.from_hf(make_hf_model().to(device="cuda", dtype=torch.bfloat16))
-    frames = _frames(2, 2, 70, 100, device="cuda")
-    step = m.feature_step(2, 2, 70, 100, texts="pick", max_text_tokens=20, compile=True)
-    step(frames)
-    assert_real_tokens_equal(step(frames), m.extract_features(images=frames, texts=["pick"] * 2, layers=[-1]),
-                             tol=2e-2)

@@ -101,12 +101,12 @@ def test_geometry_is_cached(models):
     _, ours = models
     pv, g = _inputs([(1, 4, 4), (1, 6, 8)])
     ours.encode_images(pv, g)
-    cache = ours.visual.geometry_cache
-    n = len(cache._store)
-    geo = cache.get(((1, 4, 4), (1, 6, 8)), ours.cfg.vision, torch.device("cpu"), "sdpa")
+    cache = ours.caches
+    n = len(cache._geometry)
+    geo = cache.geometry(((1, 4, 4), (1, 6, 8)), torch.device("cpu"), "sdpa")
     ours.encode_images(pv, g)
-    assert len(cache._store) == n
-    assert cache.get(((1, 4, 4), (1, 6, 8)), ours.cfg.vision, torch.device("cpu"), "sdpa") is geo
+    assert len(cache._geometry) == n
+    assert cache.geometry(((1, 4, 4), (1, 6, 8)), torch.device("cpu"), "sdpa") is geo
 
 
 @pytest.mark.parametrize("lengths", [[64] * 5, [64, 32, 64, 16, 48, 64], [7, 9, 8, 100, 90, 3, 1], [5]])

@@ -5,7 +5,6 @@ import dataclasses
 
 import torch
 
-from ..batching import item_bounds
 
 
 def _to_device(obj, device: torch.device, non_blocking: bool):
@@ -37,29 +36,9 @@ def _field(obj, name):
     return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 
 
-def _slice_inputs(inputs, idx: list[int], image_token_id: int, merge_unit: int = 4) -> dict:
-    """Rows ``idx`` of a prepared batch (with their images), re-trimmed to their own left padding."""
-    full_ids, full_mask = _field(inputs, "input_ids"), _field(inputs, "attention_mask")
-    grid, pv = _field(inputs, "image_grid_thw"), _field(inputs, "pixel_values")
-    sel = torch.tensor(idx, device=full_ids.device)
-    ids, mask = full_ids[sel], full_mask[sel]
-    keep = mask.bool().any(0)
-    first = int(keep.nonzero()[0]) if keep.any() else 0
-    out = {"input_ids": ids[:, first:], "attention_mask": mask[:, first:], "pixel_values": None,
-           "image_grid_thw": None}
-    mm = _field(inputs, "mm_token_type_ids")
-    if mm is not None:
-        out["mm_token_type_ids"] = mm[sel][:, first:]
-    if grid is not None and grid.numel():
-        # the images of each row, in (batch, sequence) order, from the rows' image-token counts
-        tokens_per_row = (full_ids == image_token_id).sum(-1).tolist()
-        bounds, patches = item_bounds(tokens_per_row, grid, merge_unit, "image")
-        out["images_per_sample"] = tuple(bounds[r + 1] - bounds[r] for r in idx)
-        ks = [k for r in idx for k in range(bounds[r], bounds[r + 1])]
-        if ks:
-            out["image_grid_thw"] = grid[torch.tensor(ks, device=grid.device)]
-            out["pixel_values"] = torch.cat([pv[patches[r]:patches[r + 1]] for r in idx if bounds[r + 1] > bounds[r]])
-    return out
+def _slice_inputs(inputs, idx: list[int], image_token_id: int = 0, merge_unit: int = 4):
+    """Rows ``idx`` of a prepared batch (with their images), re-trimmed to their own padding."""
+    return inputs.select_rows(list(idx))
 
 
 def _model_inputs(inputs, device: torch.device) -> dict:

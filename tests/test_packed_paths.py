@@ -1,0 +1,84 @@
+"""The CUDA varlen code paths (packed causal prefill, varlen vision attention, GQA, both kernels' calling
+conventions) run on the CPU against a plain-torch stand-in for the kernels, and must equal the SDPA paths.
+
+The kernels themselves only run on a GPU (tests/test_gpu_*.py); this checks everything around them: packing,
+cu_seqlens, causal flags, head layouts, unpacking, the KV-cache sink.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qwen_batched.attention as attention
+from qwen_batched import QwenBatchedVL
+from tests.helpers import build_batch, make_hf_model, model_inputs, rel_err
+
+
+def _segments(q, k, v, cu, causal, scale):
+    """Per-segment SDPA (GQA by repeating KV heads): the kernels' contract."""
+    out = torch.empty_like(q)
+    rep = q.shape[1] // k.shape[1]
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (x[s:e].transpose(0, 1) for x in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)))
+        out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale).transpose(0, 1)
+    return out
+
+
+def fake_flash(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False):
+    assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and isinstance(max_q, int)
+    assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
+    return _segments(q, k, v, cu_q, causal, softmax_scale)
+
+
+def fake_torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    assert window_size in ((-1, -1), (-1, 0)) and isinstance(max_q, int)
+    assert enable_gqa == (q.shape[1] != k.shape[1])
+    return _segments(q, k, v, cu_q, window_size == (-1, 0), scale)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    hf = make_hf_model()
+    return QwenBatchedVL.from_hf(hf), model_inputs(build_batch(QwenBatchedVL.from_hf(hf).cfg))
+
+
+@pytest.mark.parametrize("backend", ["flash", "torch_varlen"])
+def test_packed_paths_equal_sdpa(setup, backend, monkeypatch):
+    model, batch = setup
+    ref = model.extract_features(**batch)
+    ref_gen = model.generate(**batch, max_new_tokens=8, eos_token_id=[])
+    monkeypatch.setattr(attention, "_flash_varlen", fake_flash)
+    monkeypatch.setattr(attention, "_torch_varlen", fake_torch_varlen)
+    monkeypatch.setattr(attention, "_VARLEN_KW", {"scale", "window_size", "enable_gqa"})
+    monkeypatch.setattr(model, "backend", backend)
+    model.caches.clear()
+    try:
+        out = model.extract_features(**batch)
+        gen = model.generate(**batch, max_new_tokens=8, eos_token_id=[])
+    finally:
+        model.caches.clear()
+    valid = batch["attention_mask"].bool()
+    for a, b in zip(out.hidden_states, ref.hidden_states):
+        assert rel_err(a[valid], b[valid]) <= 1e-5
+        assert bool((a[~valid] == 0).all())
+    assert rel_err(out.vision_embeds, ref.vision_embeds) <= 1e-5
+    assert torch.equal(gen.sequences, ref_gen.sequences)
+
+
+def test_torch_varlen_without_window_size_uses_is_causal(monkeypatch):
+    """torch 2.10's varlen_attn takes is_causal instead of window_size, and no enable_gqa."""
+    seen = {}
+
+    def old_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=False):
+        seen.update(is_causal=is_causal, heads=k.shape[1])
+        return _segments(q, k, v, cu_q, is_causal, scale)
+
+    monkeypatch.setattr(attention, "_torch_varlen", old_varlen)
+    monkeypatch.setattr(attention, "_VARLEN_KW", {"scale", "is_causal"})
+    q, k, v = torch.randn(10, 4, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8)
+    plan = attention.VarlenPlan.build([6, 4], torch.device("cpu"), "torch_varlen")
+    out = attention.varlen_attention(q, k, v, plan, "torch_varlen", causal=True)
+    assert seen == {"is_causal": True, "heads": 4}  # KV heads repeated for the GQA
+    torch.testing.assert_close(out, _segments(q, k, v, plan.cu_seqlens, True, None))
+    with pytest.raises(ValueError, match="bidirectional"):
+        attention.varlen_attention(q, k, v, attention.VarlenPlan.build([6, 4], torch.device("cpu"), "sdpa"), "sdpa",
+                                   causal=True)
