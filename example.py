@@ -1,4 +1,4 @@
-"""qwen_batched end to end: multi-camera frames -> decoder features and generated text, with throughput.
+"""qwen_batched end to end: multi-camera frames -> decoder features, generated tokens, feature-extraction throughput.
 
   python example.py                                  # embedded default: random-weight tiny model, CPU
   python example.py --model /path/to/Qwen2.5-VL-3B-Instruct --device cuda --dtype bfloat16
@@ -83,7 +83,7 @@ def main(argv=None):
     else:
         model = QwenBatchedVL.from_config("tiny", device=args.device, dtype=args.dtype, seed=0)
         print("model: embedded default 'tiny' -- RANDOM WEIGHTS, real Qwen2.5-VL geometry at a small width.\n"
-              "       Its generated text is meaningless; use --model PATH for a real checkpoint.")
+              "       Its generated tokens are meaningless (shown as ids); use --model PATH for a real checkpoint.")
     print(f"device: {model.device}, dtype: {model.dtype}, attention backend: {model.backend}")
     if args.step:
         return run_step(model, args)
@@ -103,13 +103,15 @@ def main(argv=None):
     print(f"  image_mask {tuple(feats.image_mask.shape)}, image tokens per sample: {feats.image_mask.sum(1).tolist()}")
     print(f"  vision_embeds {tuple(feats.vision_embeds.shape)}")
 
-    # ---- generation
+    # ---- generation: token ids always; text only for a real checkpoint (random weights decode to noise bytes)
     gen = model.generate(images=frames, texts=texts, max_new_tokens=args.new_tokens)
     print(f"\ngeneration ({args.new_tokens} new tokens max, greedy):")
-    for i, (n, text) in enumerate(zip(gen.lengths.tolist(), gen.texts or [None] * args.batch)):
-        print(f"  [{i}] {n:>3} tokens: {text!r}")
+    for i, (row, n) in enumerate(zip(gen.sequences.tolist(), gen.lengths.tolist())):
+        print(f"  [{i}] {n:>3} token ids: {row[:n]}")
+        if args.model and gen.texts is not None:
+            print(f"      text: {gen.texts[i]!r}")
 
-    # ---- throughput of the feature path (processor + vision + decoder), fresh frames every step
+    # ---- feature-extraction throughput (processor + vision + decoder), fresh frames every step
     steps = [synthetic_frames(args.batch, args.cameras, args.size, model.device, step=s) for s in range(args.iters + 1)]
     model.extract_features(images=steps[0], texts=texts, layers=[-1])  # warm-up
     times = []
@@ -120,7 +122,8 @@ def main(argv=None):
         sync(model.device)
         times.append(time.perf_counter() - t0)
     med = sorted(times)[len(times) // 2]
-    print(f"\nthroughput (median of {args.iters}): {med * 1e3:.1f} ms per batch, {args.batch / med:.1f} samples/s, "
+    print(f"\nfeature extraction throughput (extract_features: processor + vision + decoder, last layer; median of "
+          f"{args.iters}): {med * 1e3:.1f} ms per batch, {args.batch / med:.1f} samples/s, "
           f"{args.batch * args.cameras / med:.1f} frames/s")
 
 

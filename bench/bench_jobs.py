@@ -10,7 +10,7 @@ Rows (same questions, same weights, greedy):
 
   python bench/bench_jobs.py                                          # CPU, tiny random model
   python bench/bench_jobs.py --device cuda --model 3b --n 256 --max-new-tokens 64 --json bench/results/jobs.json
-  python bench/bench_jobs.py --device cuda --model /ckpt/Qwen2.5-VL-3B-Instruct --hf-chunks 4 --n 512
+  python bench/bench_jobs.py --device cuda --model Qwen/Qwen2.5-VL-3B-Instruct --hf-chunks 4 --n 512
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import header, markdown_table, sync, write_json  # noqa: E402
 from qwen_batched import QwenBatchedVL, jobs  # noqa: E402
-from qwen_batched.config import ModelConfig  # noqa: E402
+from qwen_batched.config import PRESETS, ModelConfig  # noqa: E402
+from qwen_batched.hub import resolve_checkpoint  # noqa: E402
 from tests.helpers import hf_config_dict  # noqa: E402
 
 
@@ -177,7 +178,7 @@ def _loadavg():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="preset (random weights) or checkpoint directory")
+    ap.add_argument("--model", default="tiny", help="preset (random weights), checkpoint directory or hub id")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--n", type=int, default=None, help="questions (default 48 on CPU, 256 on CUDA)")
@@ -193,6 +194,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
+    if not os.path.exists(a.model) and a.model.lower() not in PRESETS:
+        a.model = resolve_checkpoint(a.model)  # a hub id: its snapshot directory in the hub cache
 
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))

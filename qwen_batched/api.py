@@ -82,16 +82,16 @@ class QwenBatchedVL(nn.Module):
         return model._take(state, processor_path=None)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device=None, dtype=None,
+    def from_pretrained(cls, path: str | os.PathLike, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, device=None, dtype=None,
                         attn_backend: str = "auto") -> "QwenBatchedVL":
-        """Load a checkpoint directory (``config.json`` + safetensors, single file or sharded)."""
+        """Load a checkpoint (``config.json`` + safetensors, single file or sharded): a directory, or a hub id
+        (``"Qwen/Qwen2.5-VL-7B-Instruct"``) resolved as ``transformers`` does: the local hub cache first
+        (``cache_dir``, default ``HF_HUB_CACHE``), downloaded at ``revision`` when missing unless ``HF_HUB_OFFLINE=1``."""
+        from .hub import resolve_checkpoint
         from .loading import load_state_dict
 
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a checkpoint directory path, got {type(path).__name__}")
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+        path = resolve_checkpoint(path, revision=revision, cache_dir=cache_dir)
         cfg = ModelConfig.from_json(path)
         eos = load_generation_eos(path)
         if eos:
@@ -103,17 +103,42 @@ class QwenBatchedVL(nn.Module):
         return model._take(load_state_dict(path, model, device=device, dtype=dtype), processor_path=path)
 
     @classmethod
-    def from_hf(cls, hf_model, *, attn_backend: str = "auto") -> "QwenBatchedVL":
-        """Wrap a loaded ``Qwen2_5_VLForConditionalGeneration``, sharing its tensors (no copy)."""
+    def from_hf(cls, hf_model, *, dtype=None, attn_backend: str = "auto") -> "QwenBatchedVL":
+        """Wrap a loaded ``Qwen2_5_VLForConditionalGeneration``, sharing its tensors (no copy).
+
+        The tensors are shared when they already have ``dtype`` (None: their own, which must then be one dtype);
+        others are converted to ``dtype`` (copies). transformers 5 builds a model from the published config with
+        the text model in bf16 and the vision tower in fp32: such a mixed model is a ValueError without ``dtype=``,
+        never silently upcast.
+        """
         from .loading import convert_state_dict
 
-        if not hasattr(hf_model, "state_dict") or not hasattr(hf_model, "config"):
+        if not hasattr(hf_model, "named_parameters") or not hasattr(hf_model, "config"):
             raise TypeError(f"hf_model must be a transformers Qwen2_5_VLForConditionalGeneration, got {type(hf_model).__name__}")
+        dtype = check_dtype(dtype)
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         cfg = ModelConfig.from_dict(hf_model.config.to_dict())
-        param = next(hf_model.parameters())
-        model = cls._empty(cfg, param.device, param.dtype, attn_backend)
+        params = list(hf_model.named_parameters())
+        devices = {p.device for _, p in params}
+        if len(devices) > 1:
+            raise ValueError(f"hf_model's parameters are on several devices {sorted(map(str, devices))}; move it to "
+                             "one device first (hf_model.to(device))")
+        if dtype is None:
+            parts: dict[str, set] = {"vision tower": set(), "text model and lm_head": set()}
+            for name, p in params:
+                parts["vision tower" if "visual." in name else "text model and lm_head"].add(p.dtype)
+            found = set().union(*parts.values())
+            if len(found) > 1:
+                said = "; ".join(f"{part}: {', '.join(sorted(map(str, ds)))}" for part, ds in parts.items() if ds)
+                raise ValueError(f"hf_model's parameters have mixed dtypes ({said}); pass dtype= (e.g. "
+                                 "dtype=torch.bfloat16) to convert them to one, or load the model with one dtype "
+                                 "(from_pretrained(..., dtype=torch.bfloat16))")
+            dtype = found.pop()
+        device = devices.pop()
+        model = cls._empty(cfg, device, dtype, attn_backend)
         sd = {k: v.detach() for k, v in hf_model.state_dict(keep_vars=True).items()}
-        return model._take(convert_state_dict(sd, model, device=param.device, dtype=param.dtype), processor_path=None)
+        return model._take(convert_state_dict(sd, model, device=device, dtype=dtype), processor_path=None)
 
     def _take(self, state: dict[str, torch.Tensor], processor_path: str | None) -> "QwenBatchedVL":
         """Adopt ``state`` (checked tensors) as the parameters, re-tie embeddings, freeze, attach the processor."""
@@ -236,8 +261,8 @@ class QwenBatchedVL(nn.Module):
             lo, hi = lay.span(range(s, e))
             x = self._embed(sub)
             _, states = run_batch(self.model, x.embeds, x.position_ids, x.valid, rope=self.caches.rope(self.device),
-                                  backend=self.backend, lengths=sub.layout.lengths, depth=max(layers), keep=layers,
-                                  final_norm=final_norm)
+                                  backend=self.backend, lengths=list(sub.layout.n_real), depth=max(layers),
+                                  keep=layers, final_norm=final_norm)
             states = [F.pad(states[i], (0, 0, lo, L - hi)) for i in layers]
             return states, x.vision_embeds, x.video_embeds
 
@@ -303,7 +328,7 @@ class QwenBatchedVL(nn.Module):
             sub = batch.select_rows(range(s, e))
             x = self._embed(sub)
             return generate_tokens(
-                self, x.embeds, x.position_ids, x.valid, lengths=[int(n) for n in sub.layout.lengths],
+                self, x.embeds, x.position_ids, x.valid, lengths=list(sub.layout.n_real),
                 max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
                 eos_ids=eos_ids, pad_id=self.cfg.pad_token_id, seeds=seeds[s:e], compile=compile,
                 sync_every=4 if self.device.type == "cuda" else 1)

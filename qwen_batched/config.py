@@ -188,13 +188,9 @@ class ModelConfig:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
+        d = read_json(path)
+        if d is None:
             raise FileNotFoundError(f"no config.json at {path!r}")
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
         return cls.from_dict(d)
 
     @classmethod
@@ -250,6 +246,22 @@ def tiny_config() -> ModelConfig:
     return ModelConfig.from_name("tiny")
 
 
+def read_json(path: str | os.PathLike) -> dict | None:
+    """A checkpoint's JSON file as a dict; None when the file does not exist. A file that is not JSON, or whose
+    top level is not an object, is a ValueError naming it (every JSON file of a checkpoint is read here)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(d).__name__}")
+    return d
+
+
 def _read_vendored(name: str) -> str:
     return resources.files("qwen_batched.configs").joinpath(name).read_text()
 
@@ -265,11 +277,7 @@ def default_chat_template() -> str:
 
 def load_generation_eos(path: str | os.PathLike) -> tuple[int, ...] | None:
     """EOS ids from ``generation_config.json`` next to a checkpoint, if present."""
-    p = os.path.join(os.fspath(path), "generation_config.json")
-    if not os.path.isfile(p):
-        return None
-    with open(p) as f:
-        eos = json.load(f).get("eos_token_id")
+    eos = (read_json(os.path.join(os.fspath(path), "generation_config.json")) or {}).get("eos_token_id")
     if eos is None:
         return None
     return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))

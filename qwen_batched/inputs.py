@@ -24,6 +24,7 @@ class BatchLayout:
     """What the host knows about a batch: per-row token spans and items, and every item's grid."""
     first: tuple[int, ...]  # (B,) first real column of each row
     last: tuple[int, ...]  # (B,) last real column of each row
+    n_real: tuple[int, ...]  # (B,) real tokens of each row (the span minus any masked holes inside it)
     image_grids: tuple[Grid, ...]  # (n_images,) (t, h, w) in patches
     images_per_row: tuple[int, ...]  # (B,)
     video_grids: tuple[Grid, ...] = ()
@@ -119,7 +120,8 @@ class ModelInputs:
             spg = self.second_per_grid_ts[_item_index(lay.videos_per_row, rows, self.second_per_grid_ts.device)]
         layout = BatchLayout(
             first=tuple(lay.first[r] - lo for r in rows), last=tuple(lay.last[r] - lo for r in rows),
-            image_grids=img_grids, images_per_row=tuple(lay.images_per_row[r] for r in rows),
+            n_real=tuple(lay.n_real[r] for r in rows), image_grids=img_grids,
+            images_per_row=tuple(lay.images_per_row[r] for r in rows),
             video_grids=vid_grids, videos_per_row=tuple(lay.videos_per_row[r] for r in rows) if lay.videos_per_row
             else ())
         return ModelInputs(**out, pixel_values=pv, image_grid_thw=grid,

@@ -5,12 +5,13 @@ and the in-memory names of ``transformers`` 5 (``model.visual.*``, ``model.langu
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn as nn
+
+from .config import read_json
 
 _PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "model."))
 PATCH_EMBED = "visual.patch_embed.proj.weight"
@@ -29,11 +30,9 @@ def checkpoint_files(path: str) -> list[str]:
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            try:
-                weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{index} is not a valid safetensors index ({e!r})") from None
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} is not a safetensors index: it has no \"weight_map\" object")
         files = [os.path.join(path, name) for name in dict.fromkeys(weight_map.values())]
         missing = [f for f in files if not os.path.isfile(f)]
         if missing:

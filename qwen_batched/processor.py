@@ -2,11 +2,13 @@
 
 Images follow the reference (``transformers``' Qwen2-VL image processor, torchvision flavour): ``smart_resize``
 to multiples of 28 within [min_pixels, max_pixels], bicubic antialiased resize of the uint8 image (float
-interpolate, round back to uint8 values), then ``(x - 255*mean) / (255*std)`` and the patch layout of
-``kernels/patchify.py``. Images of one size are processed together: one resize and one patchify per size.
+interpolate, round back to uint8 values: torchvision's float path, which it takes on CUDA), then
+``(x - 255*mean) / (255*std)`` and the patch layout of ``kernels/patchify.py``. Images of one size are processed
+together: one resize and one patchify per size.
 
 Value ranges: uint8 images are 0..255, floating images 0..1; ``rescale=`` overrides (True: the values are
-0..255 whatever the dtype, False: use them as they are).
+0..255 whatever the dtype, False: use them as they are). A floating image outside its range is a ValueError
+(``image_inputs.py``, which turns tensors, arrays, PIL images and lists into checked tensors).
 
 Videos (clips of already sampled frames) go through the same resize and normalization as images; a clip of T frames
 gives ``grid_t = ceil(T / temporal_patch_size)`` (an odd clip repeats its last frame), like the reference
@@ -18,18 +20,18 @@ setup that uses them.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from .config import TINY_VOCAB, ModelConfig, default_chat_template, default_preprocessor_config
+from .config import TINY_VOCAB, ModelConfig, default_chat_template, default_preprocessor_config, read_json
 from .inputs import BatchLayout, ModelInputs
 from .prompts import (IMAGE_TOKEN, VIDEO_TOKEN, check_placeholders, expand_image_tokens, pad_batch,
                       render_builtin, render_jinja, render_raw)
+from .image_inputs import Collected, check_rescale, check_values, collect_images, collect_videos
 from .resize import device_taps, resize_float
 from .tokenizer import ByteTokenizer, load_tokenizer
 
@@ -50,8 +52,8 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 31
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got {height}x{width}")
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(f"image {height}x{width}: absolute aspect ratio must be at most {MAX_ASPECT_RATIO}, "
-                         f"got {max(height, width) / min(height, width)}")
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.4g} > {MAX_ASPECT_RATIO} (image "
+                         f"{height}x{width}); the model takes up to {MAX_ASPECT_RATIO}:1, crop or pad it")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -66,94 +68,26 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 31
 
 
 class ProcessedImages(NamedTuple):
-    """pixel_values (sum t*h*w, C*T*P*P) float32; image_grid_thw (n, 3) int64; images of each sample."""
+    """pixel_values (sum t*h*w, C*T*P*P) float32; image_grid_thw (n_images, 3) int64; images of each sample."""
 
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
     images_per_sample: tuple[int, ...]
 
 
-# ---------------------------------------------------------------------------------------------- input parsing
-def _from_array(img: np.ndarray, where: str, video: bool) -> torch.Tensor:
-    """HWC (or THWC for a clip) numpy array -> CHW (TCHW) tensor view."""
-    want = 4 if video else 3
-    if img.ndim != want:
-        layout = "(T, H, W, 3)" if video else "(H, W, 3)"
-        raise ValueError(f"{where}: numpy images must be {layout} arrays, got shape {img.shape}")
-    if img.dtype != np.uint8 and not np.issubdtype(img.dtype, np.floating):
-        raise TypeError(f"{where}: numpy images must be uint8 (0..255) or floating (0..1), got {img.dtype}")
-    img = np.ascontiguousarray(img)
-    t = torch.from_numpy(img if img.flags.writeable else img.copy())  # torch wants writable memory
-    return t.movedim(-1, -3)
+class ProcessedVideos(NamedTuple):
+    """pixel_values_videos (sum t*h*w, C*T*P*P) float32; video_grid_thw (n_videos, 3) int64; videos of each
+    sample. The names of ``ModelInputs`` / ``extract_features``' video arguments."""
 
-
-def _to_tensor(img: Any, where: str, video: bool) -> torch.Tensor:
-    """One image (C, H, W) or clip (T, C, H, W) as a tensor; PIL images become RGB uint8."""
-    if isinstance(img, torch.Tensor):
-        return img
-    if isinstance(img, np.ndarray):
-        return _from_array(img, where, video)
-    if type(img).__module__.startswith("PIL."):
-        return _from_array(np.array(img.convert("RGB")), where, False)
-    kind = "clip" if video else "image"
-    raise TypeError(f"{where}: expected a {kind} as a torch.Tensor, numpy array or PIL image, got {type(img).__name__}")
-
-
-def _check_tensor(x: torch.Tensor, where: str, channels: int, layout: str) -> None:
-    """Rank, channels, emptiness and dtype of an image tensor whose expected layout is ``layout``."""
-    if x.dim() != layout.count(",") + 1:
-        raise ValueError(f"{where}: expected a {layout} tensor, got shape {tuple(x.shape)}")
-    if x.shape[-3] != channels:
-        raise ValueError(f"{where}: expected {channels} channels (RGB, channels first: {layout}), got shape {tuple(x.shape)}")
-    if x.numel() == 0:
-        raise ValueError(f"{where}: empty image tensor of shape {tuple(x.shape)}")
-    if x.dtype != torch.uint8 and not x.is_floating_point():
-        raise TypeError(f"{where}: images must be uint8 (0..255) or floating point (0..1), got {x.dtype}")
-
-
-def _sample_items(entry: Any, where: str, video: bool, channels: int) -> list[torch.Tensor]:
-    """The checked images of one sample, each (1, C, H, W), or its clip (T, C, H, W); [] for None or []."""
-    if entry is None:
-        return []
-    if isinstance(entry, (list, tuple)):
-        if not entry:
-            return []
-        if video:  # a clip given as a list of frames
-            frames = [_to_tensor(f, f"{where}[{j}]", False) for j, f in enumerate(entry)]
-            for j, f in enumerate(frames):
-                _check_tensor(f, f"{where}[{j}]", channels, "(C, H, W)")
-            if len({(f.shape, f.dtype, f.device) for f in frames}) > 1:
-                raise ValueError(f"{where}: the frames of a clip must share one size, dtype and device")
-            return [torch.stack(frames)]
-        out = []
-        for j, img in enumerate(entry):
-            t = _to_tensor(img, f"{where}[{j}]", False)
-            _check_tensor(t, f"{where}[{j}]", channels, "(C, H, W)")
-            out.append(t.unsqueeze(0))
-        return out
-    t = _to_tensor(entry, where, video)
-    if video or t.dim() == 4:  # a clip, or this sample's images stacked
-        _check_tensor(t, where, channels, "(T, C, H, W)" if video else "(N, C, H, W)")
-        return [t] if video else list(t.unsqueeze(1).unbind(0))
-    _check_tensor(t, where, channels, "(C, H, W)")
-    return [t.unsqueeze(0)]
-
-
-def _clip(x: Any, where: str, channels: int) -> torch.Tensor:
-    """One checked clip (T, C, H, W): a tensor, a (T, H, W, C) array or a list of frames."""
-    if isinstance(x, (list, tuple)) and not x:
-        raise ValueError(f"{where}: empty clip (a clip needs at least one frame)")
-    return _sample_items(x, where, True, channels)[0]
-
-
-def _check_finite(x: torch.Tensor, where: str) -> None:
-    if x.is_floating_point() and not bool(torch.isfinite(x.sum(dtype=torch.float32))):  # one reduction
-        raise ValueError(f"{where}: floating-point images must be finite, found NaN or inf")
+    pixel_values_videos: torch.Tensor
+    video_grid_thw: torch.Tensor
+    videos_per_sample: tuple[int, ...]
 
 
 class _Group(NamedTuple):
     frames: torch.Tensor  # (n, F, C, H, W)
     index: list[int]  # positions of its n images in sample-major order
+    names: list[str]  # where its n images came from ("images[1][2]")
     size: tuple[int, int]  # resize target (h, w)
 
 
@@ -213,7 +147,7 @@ class BatchedImageProcessor:
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-        pre = _read_json(os.path.join(path, "preprocessor_config.json")) or default_preprocessor_config()
+        pre = read_json(os.path.join(path, "preprocessor_config.json")) or default_preprocessor_config()
         if model_config is None and os.path.isfile(os.path.join(path, "config.json")):
             model_config = ModelConfig.from_json(path)
         tok_path = os.path.join(path, "tokenizer.json")
@@ -251,21 +185,40 @@ class BatchedImageProcessor:
                             self.max_pixels if max_pixels is None else max_pixels)
 
     def preprocess_images(self, images, *, min_pixels: int | None = None, max_pixels: int | None = None,
-                          rescale: bool | None = None, as_video: bool = False, device=None) -> ProcessedImages:
+                          rescale: bool | None = None, device=None) -> ProcessedImages:
         """Images -> ``ProcessedImages(pixel_values, image_grid_thw, images_per_sample)``.
 
         ``images``: a tensor (B, N, 3, H, W) (N images per sample) or (N, 3, H, W) / a flat list (one image per
         sample); or a list with one entry per sample: None / [] (no image), an image, a (N, 3, H, W) tensor, or
         a list of images of any sizes. An image is a (3, H, W) tensor, a PIL image or a (H, W, 3) numpy array.
-        With ``as_video=True`` each sample is one clip: (B, T, 3, H, W), or a list of (T, 3, H, W) tensors,
-        (T, H, W, 3) arrays or lists of frames; ``grid_t = ceil(T / temporal_patch_size)``, an odd clip
-        repeating its last frame. Outputs are on the images' device (or ``device``).
+        ``rescale``: None reads uint8 as 0..255 and floating images as 0..1, True reads 0..255 whatever the dtype,
+        False uses the values as given; a floating image outside its range is a ValueError. Outputs are on the
+        images' device (or ``device``).
         """
-        groups, counts = self._collect(images, bool(as_video), min_pixels, max_pixels, device)
-        return self._run(groups, counts, rescale, device)[0]
+        groups, counts = self._checked(collect_images(images, self.in_channels), min_pixels, max_pixels, rescale,
+                                       device)
+        pixel_values, grid_thw, _ = self._run(groups, counts, rescale, device)
+        return ProcessedImages(pixel_values, grid_thw, tuple(counts))
 
-    def _run(self, groups: list["_Group"], counts: list[int], rescale, device) -> tuple[ProcessedImages, list]:
-        """Process checked groups: one resize + one patchify per distinct input size. Also returns the grids."""
+    def preprocess_videos(self, videos, *, min_pixels: int | None = None, max_pixels: int | None = None,
+                          rescale: bool | None = None, device=None) -> ProcessedVideos:
+        """Clips -> ``ProcessedVideos(pixel_values_videos, video_grid_thw, videos_per_sample)``.
+
+        ``videos``: a (B, T, 3, H, W) tensor (one clip per sample) or a list with one entry per sample: None / [],
+        a clip, or a list of clips; a clip is a (T, 3, H, W) tensor, a (T, H, W, 3) array or a list of frames.
+        ``grid_t = ceil(T / temporal_patch_size)``, an odd clip repeating its last frame. ``rescale`` and
+        ``device`` as in ``preprocess_images``.
+        """
+        groups, counts = self._checked(collect_videos(videos, None, self.in_channels), min_pixels, max_pixels,
+                                       rescale, device)
+        pixel_values, grid_thw, _ = self._run(groups, counts, rescale, device)
+        return ProcessedVideos(pixel_values, grid_thw, tuple(counts))
+
+    def _run(self, groups: list["_Group"], counts: list[int], rescale, device):
+        """Process checked groups: one resize + one patchify per distinct input size.
+
+        Returns pixel rows (sum t*h*w, C*T*P*P) float32, grid_thw (n, 3) int64 and the grids as lists (for the
+        prompts), images or clips alike, in sample-major order."""
         dev = groups[0].frames.device if groups else torch.device(device or "cpu")
         grids: list[list[int]] = [[]] * sum(counts)
         outputs = []
@@ -275,91 +228,41 @@ class BatchedImageProcessor:
             for i in g.index:
                 grids[i] = grid
         pixel_values = self._assemble(groups, outputs, grids, dev)
-        thw = torch.tensor(grids, dtype=torch.long).reshape(-1, 3).to(dev)
-        return ProcessedImages(pixel_values, thw, tuple(counts)), grids
+        grid_thw = torch.tensor(grids, dtype=torch.long).reshape(-1, 3).to(dev)
+        return pixel_values, grid_thw, grids
 
-    def _collect(self, images, video: bool, min_pixels: int | None, max_pixels: int | None, device):
-        """Check everything, then group images by (frames, size, dtype): list of _Group, images per sample."""
+    def _checked(self, inputs: Collected, min_pixels: int | None, max_pixels: int | None, rescale, device):
+        """Collected inputs -> groups of one shape and dtype with their resize targets, values checked, on
+        ``device``; and the inputs per sample. Every check is done here, before any work."""
         min_pixels, max_pixels = self._check_pixels(self.min_pixels if min_pixels is None else min_pixels,
                                                     self.max_pixels if max_pixels is None else max_pixels)
-        if isinstance(images, torch.Tensor):
-            frames, counts = self._batch_tensor(images, video)
-            groups = [_Group(frames, list(range(frames.shape[0])), (0, 0))] if frames.shape[0] else []
-        elif isinstance(images, (list, tuple)):
-            if len(images) == 0:
-                raise ValueError("images is an empty list: pass None for a text-only batch")
-            per_sample = [_sample_items(e, f"images[{i}]", video, self.in_channels) for i, e in enumerate(images)]
-            counts = [len(s) for s in per_sample]
-            items = [x for s in per_sample for x in s]
-            devices = {x.device for x in items}
-            if len(devices) > 1:
-                raise ValueError(f"images are on several devices {sorted(map(str, devices))}; put them on one")
-            groups = self._group(items)
+        rescale = check_rescale(rescale)
+        if inputs.stacked is not None:
+            n = inputs.stacked.shape[0]
+            groups = [_Group(inputs.stacked, list(range(n)), inputs.names, (0, 0))] if n else []
         else:
-            raise TypeError(f"images must be a tensor or a list (one entry per sample), got {type(images).__name__}")
-        return self._sized(groups, min_pixels, max_pixels, device, "images"), counts
-
-    def _sized(self, groups: list[_Group], min_pixels: int, max_pixels: int, device, what: str) -> list[_Group]:
-        """Resize targets, finiteness check and the move to ``device`` of checked groups."""
-        groups = [g._replace(size=smart_resize(*g.frames.shape[-2:], self.factor, min_pixels, max_pixels))
-                  for g in groups]
+            groups = self._group(inputs.items, inputs.names)
+        sized = []
         for g in groups:
-            _check_finite(g.frames, what)
+            try:
+                size = smart_resize(*g.frames.shape[-2:], self.factor, min_pixels, max_pixels)
+            except ValueError as e:
+                more = f" (and {len(g.names) - 1} more of this size)" if len(g.names) > 1 else ""
+                raise ValueError(f"{g.names[0]}: {e}{more}") from None
+            sized.append(g._replace(size=size))
+        check_values([(g.frames, g.names) for g in sized], rescale)
         if device is not None:
-            groups = [g._replace(frames=g.frames.to(device)) for g in groups]
-        return groups
-
-    def _collect_videos(self, videos, n_samples: int, min_pixels: int | None, max_pixels: int | None, device):
-        """``prepare``'s videos (one entry per sample: None / [], a clip, or a list of clips) -> checked groups of
-        clips (sample-major) and videos per sample."""
-        min_pixels, max_pixels = self._check_pixels(self.min_pixels if min_pixels is None else min_pixels,
-                                                    self.max_pixels if max_pixels is None else max_pixels)
-        if isinstance(videos, torch.Tensor):
-            if videos.dim() != 5:
-                raise ValueError("videos as a tensor must be (B, T, C, H, W) (one clip per sample), got shape "
-                                 f"{tuple(videos.shape)}; or pass a list with one entry per sample")
-            videos = list(videos.unbind(0))
-        if not isinstance(videos, (list, tuple)):
-            raise TypeError("videos must be None, a (B, T, C, H, W) tensor or a list with one entry per sample (None, "
-                            f"a (T, C, H, W) clip or a list of clips), got {type(videos).__name__}")
-        if len(videos) != n_samples:
-            raise ValueError(f"texts has {n_samples} prompts but videos has {len(videos)} samples; give one videos "
-                             "entry per prompt (None or [] for a prompt without video)")
-        per_sample = []
-        for i, entry in enumerate(videos):
-            clips = entry if isinstance(entry, (list, tuple)) else ([] if entry is None else [entry])
-            per_sample.append([_clip(c, f"videos[{i}]" if c is entry else f"videos[{i}][{j}]", self.in_channels)
-                               for j, c in enumerate(clips)])
-        counts = [len(s) for s in per_sample]
-        items = [x for s in per_sample for x in s]
-        devices = {x.device for x in items}
-        if len(devices) > 1:
-            raise ValueError(f"videos are on several devices {sorted(map(str, devices))}; put them on one")
-        return self._sized(self._group(items), min_pixels, max_pixels, device, "videos"), counts
-
-    def _batch_tensor(self, x: torch.Tensor, video: bool) -> tuple[torch.Tensor, list[int]]:
-        """A checked batch tensor as frames (n, F, C, H, W) and images per sample."""
-        if video:
-            layout = "(B, T, C, H, W)"
-            x = x.unsqueeze(0) if x.dim() == 4 else x
-            _check_tensor(x, "images", self.in_channels, layout)
-            return x, [1] * x.shape[0]
-        if x.dim() == 5:
-            _check_tensor(x, "images", self.in_channels, "(B, N, C, H, W)")
-            b, n = x.shape[:2]
-            return x.reshape(b * n, 1, *x.shape[2:]), [n] * b
-        x = x.unsqueeze(0) if x.dim() == 3 else x
-        _check_tensor(x, "images", self.in_channels, "(N, C, H, W)")
-        return x.unsqueeze(1), [1] * x.shape[0]
+            sized = [g._replace(frames=g.frames.to(device)) for g in sized]
+        return sized, inputs.counts
 
     @staticmethod
-    def _group(items: list[torch.Tensor]) -> list[_Group]:
-        """Stack same-shape, same-dtype items (F, C, H, W) into groups, keeping their positions."""
+    def _group(items: list[torch.Tensor], names: list[str]) -> list[_Group]:
+        """Stack same-shape, same-dtype items (F, C, H, W) into groups, keeping their positions and names."""
         by_key: dict[tuple, list[int]] = {}
         for i, x in enumerate(items):
             by_key.setdefault((tuple(x.shape), x.dtype), []).append(i)
         return [_Group(items[index[0]].unsqueeze(0) if len(index) == 1 else torch.stack([items[i] for i in index]),
-                       index, (0, 0)) for index in by_key.values()]
+                       index, [names[i] for i in index], (0, 0)) for index in by_key.values()]
 
     def _norm(self, device: torch.device, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """mean*scale and std*scale as float32 (C,) on ``device`` (float32 products, as the reference)."""
@@ -428,19 +331,21 @@ class BatchedImageProcessor:
         sample's image blocks, its video blocks (``<|vision_start|><|video_pad|>*n<|vision_end|>``, n = t*h*w/4),
         then its text, then the assistant prefix); otherwise the vision blocks are put before the raw text in that
         order. ``system_prompt=None`` keeps the template's default ("You are a helpful assistant.").
-        ``min_pixels`` / ``max_pixels`` override the processor's for images and videos alike.
+        ``min_pixels`` / ``max_pixels`` override the processor's and ``rescale`` is read as in
+        ``preprocess_images``, for images and videos alike.
         """
         texts = _check_texts(texts)
         if self.tokenizer is None:
             raise RuntimeError("this processor has no tokenizer: prompts need the checkpoint's tokenizer.json "
                                "(load the model from a directory that contains it); images work without it")
         groups, counts = ([], [0] * len(texts)) if images is None else \
-            self._collect(images, False, min_pixels, max_pixels, device)
+            self._checked(collect_images(images, self.in_channels), min_pixels, max_pixels, rescale, device)
         if len(counts) != len(texts):
             raise ValueError(f"texts has {len(texts)} prompts but images has {len(counts)} samples; "
                              "give one images entry per prompt (None or [] for a text-only prompt)")
         vgroups, vcounts = ([], [0] * len(texts)) if videos is None else \
-            self._collect_videos(videos, len(texts), min_pixels, max_pixels, device)
+            self._checked(collect_videos(videos, len(texts), self.in_channels), min_pixels, max_pixels, rescale,
+                          device)
         seconds = self._seconds_per_grid(fps, sum(vcounts))
         devs = {g.frames.device for g in groups + vgroups}
         if len(devs) > 1:
@@ -449,13 +354,12 @@ class BatchedImageProcessor:
         prompts = [self._render(text, n, chat_template, system_prompt, m) for text, n, m in zip(texts, counts, vcounts)]
         for i, (prompt, n, m) in enumerate(zip(prompts, counts, vcounts)):
             check_placeholders(prompt, n, i, m)
-        processed, grids = self._run(groups, counts, rescale, device)  # all checks done: now the work
+        pixel_values, grid_thw, grids = self._run(groups, counts, rescale, device)  # all checks done: now the work
         per_image = [math.prod(g) // self.merge_size ** 2 for g in grids]
         starts = np.cumsum([0] + counts).tolist()
         prompts = [expand_image_tokens(p, per_image[a:b]) for p, a, b in zip(prompts, starts, starts[1:])]
-        video = None
         if vgroups:
-            video, vgrids = self._run(vgroups, vcounts, rescale, device)
+            pixel_values_videos, video_grid_thw, vgrids = self._run(vgroups, vcounts, rescale, device)
             per_video = [math.prod(g) // self.merge_size ** 2 for g in vgrids]
             vstarts = np.cumsum([0] + vcounts).tolist()
             prompts = [expand_image_tokens(p, per_video[a:b], VIDEO_TOKEN)
@@ -466,15 +370,16 @@ class BatchedImageProcessor:
         width, lens = ids.shape[1], [len(e) for e in encoded]
         first = [width - n if padding_side == "left" else 0 for n in lens]
         layout = BatchLayout(first=tuple(first), last=tuple(f + n - 1 for f, n in zip(first, lens)),
-                             image_grids=tuple(map(tuple, grids)), images_per_row=tuple(counts),
+                             n_real=tuple(lens), image_grids=tuple(map(tuple, grids)),
+                             images_per_row=tuple(counts),
                              video_grids=tuple(map(tuple, vgrids)) if vgroups else (),
                              videos_per_row=tuple(vcounts) if vgroups else ())
         out = ModelInputs(ids, mask, mm, images_per_sample=tuple(counts), videos_per_sample=tuple(vcounts),
                           layout=layout)
         if grids:
-            out.pixel_values, out.image_grid_thw = processed.pixel_values, processed.image_grid_thw
-        if video is not None:
-            out.pixel_values_videos, out.video_grid_thw = video.pixel_values, video.image_grid_thw
+            out.pixel_values, out.image_grid_thw = pixel_values, grid_thw
+        if vgroups:
+            out.pixel_values_videos, out.video_grid_thw = pixel_values_videos, video_grid_thw
             out.second_per_grid_ts = seconds.to(out_dev)
         return out
 
@@ -545,23 +450,13 @@ def _tokenizer_ids(tokenizer) -> dict[str, int]:
     return {name: i for name, i in found.items() if i is not None}
 
 
-def _read_json(path: str) -> dict | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
 def _find_chat_template(path: str) -> str | None:
     jinja = os.path.join(path, "chat_template.jinja")
     if os.path.isfile(jinja):
         with open(jinja) as f:
             return f.read()
     for name in ("chat_template.json", "tokenizer_config.json"):
-        template = (_read_json(os.path.join(path, name)) or {}).get("chat_template")
+        template = (read_json(os.path.join(path, name)) or {}).get("chat_template")
         if isinstance(template, str):
             return template
     return None

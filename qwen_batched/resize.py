@@ -1,8 +1,10 @@
 """Bicubic antialiased resize with torchvision's semantics, in plain torch ops.
 
-``torchvision.transforms.v2.functional.resize(img, size, BICUBIC, antialias=True)`` casts a uint8 image to
-float32, runs ``F.interpolate(mode="bicubic", antialias=True, align_corners=False)``, then clamps to [0, 255],
-rounds (half to even) and casts back. That antialiased kernel is PIL's: the cubic filter with ``a = -0.5``
+``torchvision.transforms.v2.functional.resize(img, size, BICUBIC, antialias=True)`` on CUDA casts a uint8 image
+to float32, runs ``F.interpolate(mode="bicubic", antialias=True, align_corners=False)``, then clamps to [0, 255],
+rounds (half to even) and casts back: that float path is the one followed here, on every device. (On a CPU,
+torchvision 0.29 instead calls torch's native uint8 kernel, which rounds between the two passes like PIL; the
+README's parity table gives the measured gap.) That antialiased kernel is PIL's: the cubic filter with ``a = -0.5``
 (not the ``-0.75`` of plain bicubic), its support widened by the scale when downscaling (``2 * in/out`` input
 pixels each side instead of 2) and each output's weights normalised to sum to one. The weights are computed
 in float32 with the same operation order as torch, so results agree with it to ~1e-6 (in 0..1 units), not just

@@ -205,14 +205,14 @@ def validate_inputs(inputs: ModelInputs, cfg: ModelConfig, device: torch.device)
             finite.append(torch.isfinite(pv.sum(dtype=torch.float32)))
     if spg is not None:
         finite.append((torch.isfinite(spg) & (spg >= 0)).all())
-    per_row = [torch.where(real, cols, L).amin(1), torch.where(real, cols, -1).amax(1),
+    per_row = [torch.where(real, cols, L).amin(1), torch.where(real, cols, -1).amax(1), real.sum(1),
                ((idl == cfg.image_token_id) & real).sum(1), ((idl == cfg.video_token_id) & real).sum(1)]
     head = torch.stack([s.double() for s in scalars + finite])
     stats = torch.cat([head, torch.stack(per_row).double().flatten()]).tolist()
     n_head = len(scalars) + len(finite)
     bad_ids, bad_mask = stats[:2]
     ok_media = stats[2:n_head]
-    first, last, img_tok, vid_tok = (stats[n_head + i * B:n_head + (i + 1) * B] for i in range(4))
+    first, last, n_real, img_tok, vid_tok = (stats[n_head + i * B:n_head + (i + 1) * B] for i in range(5))
     if bad_ids:
         raise ValueError(f"input_ids holds {int(bad_ids)} ids outside the vocabulary (0..{cfg.text.vocab_size - 1})")
     if bad_mask:
@@ -231,7 +231,7 @@ def validate_inputs(inputs: ModelInputs, cfg: ModelConfig, device: torch.device)
     vid_rows = _assign(list(map(int, vid_tok)), vid[0] if vid else (), mu, "video", "pixel_values_videos",
                        "video_grid_thw")
 
-    layout = BatchLayout(first=tuple(map(int, first)), last=tuple(map(int, last)),
+    layout = BatchLayout(first=tuple(map(int, first)), last=tuple(map(int, last)), n_real=tuple(map(int, n_real)),
                          image_grids=img[0] if img else (), images_per_row=tuple(img_rows),
                          video_grids=vid[0] if vid else (), videos_per_row=tuple(vid_rows) if vid else ())
     mm = inputs.mm_token_type_ids

@@ -194,3 +194,72 @@ def test_published_flat_config_checkpoint_loads(tmp_path, hf_model):
     assert ours.cfg.text == QwenBatchedVL.from_hf(hf_model).cfg.text
     assert set(ours.cfg.eos_token_ids) == {258, 256}
     assert rel_err(_features(ours), _features(QwenBatchedVL.from_hf(hf_model))) == 0.0
+
+
+def _mixed_hf_model():
+    """As transformers 5 builds one from the published config: text model and lm_head in bf16, vision in fp32."""
+    hf = make_hf_model()
+    hf.model.language_model.to(torch.bfloat16)
+    hf.lm_head.to(torch.bfloat16)
+    assert {p.dtype for p in hf.parameters()} == {torch.float32, torch.bfloat16}
+    return hf
+
+
+def test_from_hf_mixed_dtypes_needs_dtype():
+    hf = _mixed_hf_model()
+    with pytest.raises(ValueError, match=r"mixed dtypes \(vision tower: torch\.float32; text model and lm_head: "
+                                         r"torch\.bfloat16\); pass dtype="):
+        QwenBatchedVL.from_hf(hf)
+    with pytest.raises(TypeError, match="floating-point dtype"):
+        QwenBatchedVL.from_hf(hf, dtype=torch.int64)
+
+
+def test_from_hf_mixed_dtypes_converted_to_dtype():
+    hf = _mixed_hf_model()
+    ours = QwenBatchedVL.from_hf(hf, dtype=torch.float32)
+    assert {p.dtype for p in ours.parameters()} == {torch.float32}
+    # fp32 vision tensors are shared, bf16 text tensors converted (copies, not claimed as shared)
+    assert ours.visual.blocks[0].attn.qkv.weight.data_ptr() == hf.model.visual.blocks[0].attn.qkv.weight.data_ptr()
+    assert ours.model.layers[0].self_attn.q_proj.weight.data_ptr() != \
+        hf.model.language_model.layers[0].self_attn.q_proj.weight.data_ptr()
+    hf.float()  # the reference in fp32 from the same (bf16-rounded) text weights
+    ref = QwenBatchedVL.from_hf(hf)
+    for (k1, v1), (k2, v2) in zip(ours.state_dict().items(), ref.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    got = ours.extract_features(input_ids=ids, attention_mask=torch.ones_like(ids), layers=[-1]).hidden_states[0]
+    assert rel_err(got, want) < 1e-5
+    bf16 = QwenBatchedVL.from_hf(hf, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+
+
+def test_from_hf_parameters_on_several_devices():
+    hf = make_hf_model()
+    hf.lm_head.to("meta")
+    with pytest.raises(ValueError, match=r"several devices \['cpu', 'meta'\]"):
+        QwenBatchedVL.from_hf(hf)
+
+
+def test_every_json_file_is_read_with_one_error(tmp_path, hf_model):
+    from qwen_batched.config import read_json
+
+    assert read_json(tmp_path / "absent.json") is None
+    hf_model.save_pretrained(tmp_path)
+    good = (tmp_path / "config.json").read_text()
+    (tmp_path / "config.json").write_text(good[:-5])
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        QwenBatchedVL.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(good)
+    (tmp_path / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"generation_config\.json must hold a JSON object, got a list"):
+        QwenBatchedVL.from_pretrained(tmp_path)
+    os.remove(tmp_path / "generation_config.json")
+    (tmp_path / "preprocessor_config.json").write_text("{'min_pixels': 1}")
+    with pytest.raises(ValueError, match=r"preprocessor_config\.json is not valid JSON"):
+        QwenBatchedVL.from_pretrained(tmp_path)
+    os.remove(tmp_path / "preprocessor_config.json")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json is not a safetensors index"):
+        QwenBatchedVL.from_pretrained(tmp_path)

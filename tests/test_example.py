@@ -24,7 +24,10 @@ def test_example_default(capsys):
     out = capsys.readouterr().out
     assert "RANDOM WEIGHTS" in out
     assert "image tokens per sample: [18, 18]" in out  # 2 cameras x (84/28)^2 merged tokens
-    assert "frames/s" in out
+    assert "frames/s" in out and "feature extraction throughput" in out
+    lines = [l for l in out.splitlines() if "token ids:" in l]  # ids, not undecodable bytes of random weights
+    assert len(lines) == 2 and all(l.split("token ids: ")[1].startswith("[") for l in lines)
+    assert "text:" not in out
 
 
 def test_example_checkpoint(tmp_path, capsys):
@@ -32,7 +35,7 @@ def test_example_checkpoint(tmp_path, capsys):
     _example().main(ARGS + ["--model", str(tmp_path)])
     out = capsys.readouterr().out
     assert f"model: {tmp_path}" in out and "RANDOM WEIGHTS" not in out
-    assert "generation (3 new tokens max, greedy)" in out
+    assert "generation (3 new tokens max, greedy)" in out and "token ids:" in out and "text:" in out
 
 
 def test_example_rejects_bad_options():

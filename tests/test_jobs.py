@@ -19,7 +19,10 @@ import torch
 from PIL import Image
 
 from qwen_batched import jobs
+from qwen_batched.jobs import io as jio
+from qwen_batched.jobs import run as jrun
 from qwen_batched.config import tiny_config
+from qwen_batched.inputs import BatchLayout, ModelInputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,14 +77,6 @@ def strip_ids(rows):
 
 # ================================================================================================ fake model
 @dataclasses.dataclass
-class Inputs:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    pixel_values: torch.Tensor | None
-    image_grid_thw: torch.Tensor | None
-
-
-@dataclasses.dataclass
 class GenerateOutput:
     sequences: torch.Tensor
     lengths: torch.Tensor
@@ -130,21 +125,28 @@ class FakeProcessor:
         for b, r in enumerate(rows):
             ids[b, L - len(r):] = torch.tensor(r)
             mask[b, L - len(r):] = 1
-        return Inputs(ids, mask, torch.cat(pvs) if pvs else None, torch.tensor(grids) if grids else None)
+        layout = BatchLayout(first=tuple(L - len(r) for r in rows), last=(L - 1,) * len(rows),
+                             image_grids=tuple(map(tuple, grids)), images_per_row=tuple(len(i) for i in images))
+        return ModelInputs(ids, mask, None, torch.cat(pvs) if pvs else None, torch.tensor(grids) if grids else None,
+                           images_per_sample=layout.images_per_row, layout=layout)
 
 
 class FakeModel:
-    """Answers "<image tokens>-<prompt tokens>-<mean pixel>", independent of batching; can crash on cue."""
+    """Answers "<image tokens>-<prompt tokens>[-<seed>]", independent of batching; can crash on cue."""
 
     def __init__(self, crash_after=None, fail_on=None):
         self.cfg = tiny_config()
         self.log = []
         self.processor = FakeProcessor(self.cfg, self.log)
         self.device = torch.device("cpu")
+        self.dtype = torch.float32
         self.batches = []
+        self.seeds = []
         self.crash_after, self.fail_on = crash_after, fail_on
 
-    def _check(self, input_ids, attention_mask, pixel_values, image_grid_thw):
+    def _check(self, inputs):
+        input_ids, attention_mask, pixel_values, image_grid_thw = (
+            inputs.input_ids, inputs.attention_mask, inputs.pixel_values, inputs.image_grid_thw)
         n_img = int((input_ids == self.cfg.image_token_id).sum())
         n_feat = 0 if image_grid_thw is None else int(image_grid_thw.prod(-1).sum()) // 4
         assert n_img == n_feat and (pixel_values is None or pixel_values.shape[0] == n_feat * 4)
@@ -154,29 +156,28 @@ class FakeModel:
         for b in range(input_ids.shape[0]):
             ids = input_ids[b][attention_mask[b].bool()]
             if self.fail_on is not None and self.fail_on.encode() in bytes(int(i) for i in ids if i < 256):
-                raise RuntimeError("simulated out of memory")
+                raise RuntimeError("simulated model failure")
             rows.append(ids)
         self.batches.append(input_ids.shape[0])
         return rows
 
-    def generate(self, *, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, max_new_tokens=32,
-                 eos_token_id=None, **kw):
-        self.log.append(("generate", threading.current_thread().name, input_ids.shape[0]))
-        rows = self._check(input_ids, attention_mask, pixel_values, image_grid_thw)
+    def generate(self, inputs, /, *, max_new_tokens=32, eos_token_id=None, seed=None, max_batch_tokens=None, **kw):
+        self.log.append(("generate", threading.current_thread().name, inputs.batch_size))
+        rows = self._check(inputs)
+        assert seed is None or (isinstance(seed, list) and len(seed) == len(rows))
+        self.seeds.append(seed)
         seqs, lens, texts = [], [], []
-        for ids in rows:
-            pv = 0.0 if pixel_values is None else float(pixel_values.mean())
-            s = f"{int((ids == self.cfg.image_token_id).sum())}-{len(ids)}"
+        for b, ids in enumerate(rows):
+            s = f"{int((ids == self.cfg.image_token_id).sum())}-{len(ids)}" + ("" if seed is None else f"-{seed[b]}")
             toks = (list(s.encode()) + [eos_token_id[0]])[:max_new_tokens]
             lens.append(len(toks))
             texts.append(bytes(t for t in toks if t < 256).decode())
             seqs.append(toks + [self.cfg.pad_token_id] * (max_new_tokens - len(toks)))
-            del pv
         return GenerateOutput(torch.tensor(seqs), torch.tensor(lens), texts)
 
-    def extract_features(self, *, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, layers=None,
-                         final_norm=True):
-        self._check(input_ids, attention_mask, pixel_values, image_grid_thw)
+    def extract_features(self, inputs, /, *, layers=None, final_norm=True, max_batch_tokens=None):
+        self._check(inputs)
+        input_ids, attention_mask = inputs.input_ids, inputs.attention_mask
         n = self.cfg.text.num_hidden_layers
         layers = tuple(i % (n + 1) for i in layers)
         base = input_ids.float()[..., None] * torch.arange(1, 5).float()
@@ -193,21 +194,21 @@ def test_split_balanced_is_balanced_deterministic_and_complete():
     g = torch.Generator().manual_seed(0)
     costs = (torch.rand(203, generator=g) ** 3 * 4000 + 50).tolist()
     for world in (1, 2, 3, 8):
-        parts = jobs.split_balanced(costs, world)
+        parts = jrun.split_balanced(costs, world)
         assert sorted(i for p in parts for i in p) == list(range(len(costs)))
         assert all(p == sorted(p) for p in parts)
         loads = [sum(costs[i] for i in p) for p in parts]
         assert max(loads) - min(loads) <= max(costs) + 1e-6
-        assert parts == jobs.split_balanced(costs, world)
+        assert parts == jrun.split_balanced(costs, world)
     # by cost, not by count: one huge item is a rank's whole share
-    assert jobs.split_balanced([1000, 1, 1, 1, 1], 2) == [[0], [1, 2, 3, 4]]
+    assert jrun.split_balanced([1000, 1, 1, 1, 1], 2) == [[0], [1, 2, 3, 4]]
 
 
 def test_plan_batches_limits_and_padding():
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(50, 3000, (300,), generator=g).tolist()
     order = list(range(300))
-    batches = jobs.plan_batches(order, tokens, batch_size=8, max_batch_tokens=12000, window=100, extra_tokens=64)
+    batches = jrun.plan_batches(order, tokens, batch_size=8, max_batch_tokens=12000, window=100, extra_tokens=64)
     assert sorted(i for b in batches for i in b) == order
     for b in batches:
         assert len(b) <= 8
@@ -219,21 +220,21 @@ def test_plan_batches_limits_and_padding():
         return sum(len(b) * max(tokens[i] for i in b) - sum(tokens[i] for i in b) for b in bs)
 
     naive = [order[i:i + 8] for i in range(0, 300, 8)]
-    sorted_b = jobs.plan_batches(order, tokens, batch_size=8, window=100)
+    sorted_b = jrun.plan_batches(order, tokens, batch_size=8, window=100)
     assert padding(sorted_b) < 0.3 * padding(naive)
     # an item over the budget alone is still scheduled, alone
-    assert jobs.plan_batches([0, 1], [10, 10_000], batch_size=4, max_batch_tokens=100) == [[1], [0]]
+    assert jrun.plan_batches([0, 1], [10, 10_000], batch_size=4, max_batch_tokens=100) == [[1], [0]]
 
 
 def test_token_estimate_from_headers(tmp_path):
     make_images(str(tmp_path), [(300, 200)])
-    est = jobs.TokenEstimator(None, tiny_config())
-    item = jobs.Item(0, "k", 0, [str(tmp_path / "img000.png")], "hi")
+    est = jrun.TokenEstimator(None, tiny_config())
+    item = jio.Item(0, "k", "", 0, [str(tmp_path / "img000.png")], "hi")
     total, img = est(item)
     assert img == (196 // 28) * (308 // 28) + 2  # (h, w) = (200, 300) -> 196 x 308
     assert total > img
-    assert est(jobs.Item(0, "k", 0, [str(tmp_path / "missing.png")], "hi"))[1] == 0
-    est = jobs.TokenEstimator(type("P", (), {"min_pixels": 3136, "max_pixels": 28 * 28 * 4, "factor": 28})())
+    assert est(jio.Item(0, "k", "", 0, [str(tmp_path / "missing.png")], "hi"))[1] == 0
+    est = jrun.TokenEstimator(type("P", (), {"min_pixels": 3136, "max_pixels": 28 * 28 * 4, "factor": 28})())
     assert est(item)[1] == 1 * 2 + 2  # the processor's max_pixels bound applies: 28 x 56
 
 
@@ -241,20 +242,50 @@ def test_read_questions_keys_and_bad_lines(tmp_path):
     p = tmp_path / "q.jsonl"
     write_questions(p, [{"question_id": 7, "image": "a.png", "text": "<image>\nWhat?"},
                         "{not json", "", {"question_id": 7, "image": ["a.png", "b.png"], "text": "x"},
-                        {"question_id": 9, "text": "no image"}])
-    items = jobs.read_questions(str(p), "/data")
-    assert [it.index for it in items] == [0, 1, 2, 3]
-    assert items[0].text == "What?" and items[0].images == ["/data/a.png"]
-    assert items[1].error and "invalid" in items[1].error
-    assert [it.key for it in items] == ["line:0", "line:1", "line:2", "id:9"]  # 7 repeats: keyed by line
-    assert items[2].images == ["/data/a.png", "/data/b.png"] and items[3].images == []
+                        {"question_id": 9, "text": "no image"}, {"question_id": 10, "image": "a.png"},
+                        {"question_id": 11, "image": "a.png", "txt": "typo"}, "[1, 2]",
+                        {"image": "a.png", "text": "same"}, {"image": "a.png", "text": "same"},
+                        {"question_id": 12, "image": "a.png", "text": "ok", "category": "conv"},
+                        {"question_id": 1.5, "text": "float id"}, {"question_id": "7", "text": "a string id"}])
+    items = jio.read_questions(str(p), "/data", extra_keys=("category",))
+    assert [it.index for it in items] == list(range(12))
+    assert items[0].text == "What?" and items[0].images == ["/data/a.png"] and items[0].key == "id:7"
+    errors = {it.index: it.error for it in items if it.error}
+    assert errors[1] == "line 2: not valid JSON (Expecting property name enclosed in double quotes at column 2)"
+    assert errors[2].startswith("line 4: duplicate question_id 7 (first on line 1)")  # the second one is the error
+    assert errors[4] == "line 6: no 'text' (the question to ask)"
+    assert errors[5].startswith("line 7: unknown key 'txt' (did you mean 'text'?)") and "--extra-keys txt" in errors[5]
+    assert errors[6].startswith("line 8: expected a JSON object") and "got a JSON list" in errors[6]
+    assert errors[10].startswith("line 12: 'question_id' must be a string or an integer")
+    assert set(errors) == {1, 2, 4, 5, 6, 10}
+    assert items[3].key == "id:9" and items[3].images == [] and items[9].key == "id:12" and items[11].key == 'id:"7"'
+    # without an id: keyed by content and occurrence, never by line number
+    assert items[7].key.startswith("content:") and items[7].key.endswith("#0") and items[8].key.endswith("#1")
+    assert items[7].digest == items[8].digest
+    # the category key is an error unless accepted
+    assert "unknown key 'category'" in jio.read_questions(str(p), "/data")[9].error
+
+
+def test_item_keys_survive_inserted_lines_and_digests_follow_content(tmp_path):
+    make_images(str(tmp_path), [(56, 56), (84, 56)])
+    p = tmp_path / "q.jsonl"
+    rows = [{"image": "img000.png", "text": "a"}, {"question_id": "x", "image": "img001.png", "text": "b"}]
+    write_questions(p, rows)
+    before = jio.read_questions(str(p), str(tmp_path))
+    write_questions(p, [{"image": "img001.png", "text": "new"}] + rows)
+    after = jio.read_questions(str(p), str(tmp_path))
+    assert [it.key for it in after[1:]] == [it.key for it in before] and after[0].key not in {it.key for it in before}
+    assert [it.digest for it in after[1:]] == [it.digest for it in before]
+    os.utime(tmp_path / "img001.png", ns=(0, 123))  # the same path, another file: another digest
+    assert jio.read_questions(str(p), str(tmp_path))[2].digest != before[1].digest
+    assert jio.read_questions(str(p), str(tmp_path / "elsewhere"))[2].digest != before[1].digest
 
 
 def test_progress_line():
     import io
 
     s = io.StringIO()
-    p = jobs.Progress(10, "answer", interval=0.0, stream=s)
+    p = jio.Progress(10, "answer", interval=0.0, stream=s)
     p.update(4)
     p.close()
     lines = s.getvalue().splitlines()
@@ -264,14 +295,14 @@ def test_progress_line():
 
 def test_atomic_write_never_leaves_a_partial_shard(tmp_path, monkeypatch):
     target = tmp_path / "answers-run00001-abcdef-r00000-000000.jsonl"
-    jobs.atomic_write_bytes(str(target), b"old\n")
+    jio.atomic_write_bytes(str(target), b"old\n")
 
     def disk_full(fd):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space"):
-        jobs.atomic_write_bytes(str(target), b"new and longer\n")
+        jio.atomic_write_bytes(str(target), b"new and longer\n")
     assert target.read_bytes() == b"old\n" and os.listdir(tmp_path) == [target.name]
 
 
@@ -290,8 +321,9 @@ def test_answer_format_order_and_bad_items(tmp_path):
         assert r["model_id"] == "tiny" and len(r["answer_id"]) == 22
     errs = {r["question_id"]: r["error"] for r in rows if "error" in r}
     assert set(errs) == {"q3", "q6", None}
-    assert "FileNotFoundError" in errs["q3"] and "invalid question line" in errs[None]
-    assert "does-not-exist.png" in errs["q3"]
+    assert errs["q3"].startswith(f"unreadable image {os.path.join(folder, 'does-not-exist.png')}: FileNotFoundError")
+    assert errs["q6"].startswith(f"unreadable image {os.path.join(folder, 'img006.png')}: ")
+    assert errs[None].startswith("line 15: not valid JSON")
     good = [r for r in rows if "error" not in r]
     for r in good:
         i = int(r["question_id"][1:])
@@ -311,14 +343,14 @@ def test_batches_are_prepared_in_background_while_the_model_runs(tmp_path):
     seen_while_generating = []
     orig = m.generate
 
-    def slow_generate(**kw):
+    def slow_generate(inputs, **kw):
         # while the first batch is in the model, a worker thread must prepare the second one
         t_end = time.time() + 5
         while not seen_while_generating and time.time() < t_end and \
                 sum(1 for e in m.log if e[0] == "prepare") < 2:
             time.sleep(0.005)
         seen_while_generating.append(sum(1 for e in m.log if e[0] == "prepare"))
-        return orig(**kw)
+        return orig(inputs, **kw)
 
     m.generate = slow_generate
     run_fake(m, "--questions", q, "--image-folder", folder, "--answers", tmp_path / "a.jsonl", "--batch-size", 2,
@@ -351,10 +383,10 @@ def test_resume_after_crash_no_duplicates_no_losses(tmp_path):
     rows = read_jsonl(out)
     assert strip_ids(rows) == strip_ids(read_jsonl(tmp_path / "ref.jsonl"))
     assert len({r["answer_id"] for r in rows}) == 20
-    # earlier answers are kept as they were (same answer_id), not recomputed
-    first = {d["answer"]["question_id"]: d["answer"]["answer_id"] for d in shard_lines}
+    # earlier answers are kept as they were (same answer_id), not recomputed; earlier errors are retried
+    first = {d["answer"]["question_id"]: d["answer"]["answer_id"] for d in shard_lines if "error" not in d["answer"]}
     assert all(r["answer_id"] == first[r["question_id"]] for r in rows if r["question_id"] in first)
-    # a third run has nothing to do and does not need the model
+    # a third run has nothing for the model to do (the missing image fails again before it)
     third = FakeModel(crash_after=0)
     run_fake(third, *common, "--answers", out)
     assert third.batches == [] and strip_ids(read_jsonl(out)) == strip_ids(rows)
@@ -371,28 +403,103 @@ def test_settings_change_is_refused_and_overwrite_discards(tmp_path):
     assert sum(m.batches) == 4 and all(r["metadata"]["max_new_tokens"] == 7 for r in read_jsonl(tmp_path / "a.jsonl"))
 
 
-def test_retry_errors_and_model_failures(tmp_path):
+def test_failed_items_are_retried_and_the_summary_counts_the_files_errors(tmp_path, capsys):
     q, folder = dataset(tmp_path, n=6, missing=(2,))
     common = ["--questions", q, "--image-folder", folder, "--answers", tmp_path / "a.jsonl", "--batch-size", 3]
-    # a model failure (e.g. OOM) on one item: the batch is split, the others still get answers
+    # a model failure on one item: that item gets an error line, the rest of its batch still gets answers
     m = FakeModel(fail_on="picture 4")
     run_fake(m, *common)
     rows = {r["question_id"]: r for r in read_jsonl(tmp_path / "a.jsonl")}
-    assert "simulated out of memory" in rows["q4"]["error"] and "FileNotFoundError" in rows["q2"]["error"]
+    assert rows["q4"]["error"] == "RuntimeError: simulated model failure"
+    assert rows["q2"]["error"].startswith(f"unreadable image {os.path.join(folder, 'does-not-exist.png')}: ")
     assert all("error" not in rows[f"q{i}"] for i in (0, 1, 3, 5))
-    # the next run retries the model failure by itself, but not the data error ...
+    assert "6 inputs -> " in capsys.readouterr().err
+    # the next run retries both failures: the model one succeeds, the missing file still fails, and the summary
+    # counts the errors in the file, not only this run's
     m = FakeModel()
     run_fake(m, *common)
     rows = {r["question_id"]: r for r in read_jsonl(tmp_path / "a.jsonl")}
     assert m.batches == [1] and "error" not in rows["q4"] and "error" in rows["q2"]
-    # ... which --retry-errors redoes once the file is there
+    assert "; 1 with an error in it (1 failed in this run" in capsys.readouterr().err
+    # once the file is there, a plain rerun answers it, and nothing else is redone
     before = rows
     os.replace(os.path.join(folder, "img000.png"), os.path.join(folder, "does-not-exist.png"))
     m = FakeModel()
-    run_fake(m, *common, "--retry-errors")
+    run_fake(m, *common)
     rows = {r["question_id"]: r for r in read_jsonl(tmp_path / "a.jsonl")}
     assert m.batches == [1] and "error" not in rows["q2"]
-    assert all(rows[k] == before[k] for k in before if k != "q2")  # finished answers are not redone
+    assert all(rows[k] == before[k] for k in before if k not in ("q0", "q2"))  # finished answers are kept
+    # q0's image moved away: q0 is computed again (and fails), its old answer is not kept
+    assert rows["q0"]["error"].startswith("unreadable image")
+    assert "; 1 with an error in it (1 failed in this run" in capsys.readouterr().err
+
+
+def test_changed_questions_and_images_are_recomputed(tmp_path):
+    q, folder = dataset(tmp_path, n=6)
+    common = ["--questions", q, "--image-folder", folder, "--answers", tmp_path / "a.jsonl", "--batch-size", 4]
+    run_fake(FakeModel(), *common)
+    first = {r["question_id"]: r for r in read_jsonl(tmp_path / "a.jsonl")}
+    lines = read_jsonl(q)
+    lines[3]["text"] = "A longer question about picture 3, edited?"  # same question_id, new text
+    lines.insert(0, {"image": lines[5]["image"], "text": "no id"})   # a new line without id, at the top
+    write_questions(q, lines)
+    make_images(str(tmp_path / "other"), [(84, 84)], seed=5)
+    os.replace(tmp_path / "other" / "img000.png", os.path.join(folder, lines[2]["image"]))  # q1's file replaced
+    m = FakeModel()
+    run_fake(m, *common)
+    rows = read_jsonl(tmp_path / "a.jsonl")
+    assert sum(m.batches) == 3 and [r["question_id"] for r in rows] == [None] + [f"q{i}" for i in range(6)]
+    by_id = {r["question_id"]: r for r in rows}
+    assert by_id["q3"]["prompt"] == lines[4]["text"] and by_id["q3"]["answer_id"] != first["q3"]["answer_id"]
+    assert by_id["q1"]["metadata"]["image_sizes"] == [[84, 84]]
+    assert all(by_id[k] == first[k] for k in ("q0", "q2", "q4", "q5"))
+
+
+def test_another_model_in_the_same_folder_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    q, folder = dataset(tmp_path, n=3)
+    ckpt = tmp_path / "Qwen2.5-VL-7B-Instruct"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    g = torch.Generator().manual_seed(0)
+    weights = {"a": torch.randn(64, 64, generator=g), "b": torch.randn(300, generator=g)}
+    save_file(weights, str(ckpt / "model.safetensors"))
+    argv = ["answer", "--model", str(ckpt), "--questions", q, "--image-folder", folder, "--answers",
+            str(tmp_path / "a.jsonl"), "--no-progress"]
+    jobs.main(argv, model=FakeModel())
+    # a fine-tune: same names, shapes and file size, other values, in a folder of the same name
+    save_file({"a": weights["a"].clone().mul_(1.01), "b": weights["b"]}, str(ckpt / "model.safetensors"))
+    with pytest.raises(SystemExit) as e:
+        jobs.main(argv, model=FakeModel())
+    msg = str(e.value)
+    assert "another model or other settings" in msg and "model.safetensors differs" in msg
+    assert "--overwrite" in msg and "--answers NEW.jsonl" in msg
+    with pytest.raises(SystemExit, match=r"model.safetensors differs(.|\n)*temperature: 0\.0 -> 0\.5"):
+        jobs.main([*argv, "--temperature", "0.5"], model=FakeModel())
+    m = FakeModel()
+    jobs.main([*argv, "--overwrite"], model=m)
+    assert sum(m.batches) == 3 and len(read_jsonl(tmp_path / "a.jsonl")) == 3
+    jobs.main(argv, model=FakeModel(crash_after=0))  # the same model again: nothing to do
+
+
+def test_sampling_seeds_are_per_item(tmp_path):
+    q, folder = dataset(tmp_path, n=7)
+    lines = read_jsonl(q) + [{"image": read_jsonl(q)[0]["image"], "text": "no id"}]
+    write_questions(q, lines)
+    answers = {}
+    for bs in (1, 3, 8):
+        m = FakeModel()
+        out = tmp_path / f"a{bs}.jsonl"
+        run_fake(m, "--questions", q, "--image-folder", folder, "--answers", out, "--batch-size", bs,
+                 "--temperature", 0.7, "--seed", 5, "--max-new-tokens", 64)
+        assert max(m.batches) == bs
+        answers[bs] = [(r["text"], r["metadata"]["seed"]) for r in read_jsonl(out)]
+    assert answers[1] == answers[3] == answers[8]
+    seeds = [s for _, s in answers[1]]
+    assert len(set(seeds)) == 8 and all(0 <= s < 2 ** 63 for s in seeds)
+    from qwen_batched.jobs.answer import item_seed
+    assert seeds[0] == item_seed(5, "id:" + json.dumps("q0")) and item_seed(6, "id:0") != item_seed(5, "id:0")
 
 
 def test_systematic_model_failure_stops_the_run(tmp_path):
@@ -402,19 +509,6 @@ def test_systematic_model_failure_stops_the_run(tmp_path):
         run_fake(m, "--questions", q, "--image-folder", folder, "--answers", tmp_path / "a.jsonl",
                  "--max-model-failures", 3, "--shard-size", 1)
     assert not (tmp_path / "a.jsonl").exists()
-
-
-def test_slice_inputs_keeps_each_rows_images():
-    m = FakeModel()
-    imgs = [[torch.zeros(3, 56, 56)], [torch.ones(3, 56, 84), torch.ones(3, 28, 28) * 2], [], [torch.ones(3, 84, 56) * 3]]
-    full = m.processor.prepare(imgs, ["a", "bb", "ccc", "d"])
-    for rows in ([0], [1], [2], [3], [1, 3], [0, 2]):
-        part = jobs._slice_inputs(full, rows, m.cfg.image_token_id)
-        ref = m.processor.prepare([imgs[r] for r in rows], [["a", "bb", "ccc", "d"][r] for r in rows])
-        assert torch.equal(part["input_ids"], ref.input_ids) and torch.equal(part["attention_mask"], ref.attention_mask)
-        for k in ("pixel_values", "image_grid_thw"):
-            a, b = part[k], getattr(ref, k)
-            assert (a is None and b is None) or torch.equal(a, b)
 
 
 def test_extract_with_fake_model_index_and_rows(tmp_path):
@@ -448,12 +542,12 @@ def test_extract_with_fake_model_index_and_rows(tmp_path):
     with pytest.raises(SystemExit, match="out of range"):  # checked before any work
         jobs.main(["extract", "--model", "tiny", "--images", str(folder), "--out", str(tmp_path / "f2"),
                    "--layers", "-1,9", "--no-progress"], model=m2)
-    # --retry-errors redoes the broken file only, into a new shard; the index points at the newest entries
+    # a rerun retries the broken file only, into a new shard; the index points at the newest entries
     make_images(str(tmp_path / "fix"), [(56, 56)])
     os.replace(tmp_path / "fix" / "img000.png", folder / "broken.jpg")
     m3 = FakeModel()
     jobs.main(["extract", "--model", "tiny", "--images", str(folder), "--out", str(out), "--layers", "-1,2",
-               "--text", "hi", "--retry-errors", "--no-progress"], model=m3)
+               "--text", "hi", "--no-progress"], model=m3)
     index2 = json.load(open(out / "index.json"))
     assert m3.batches == [1] and "error" not in index2["items"][0] and index2["items"][1:] == index["items"][1:]
     assert jobs.load_features(str(out), "broken.jpg")["layer.4"].shape[1] == 4
@@ -468,8 +562,8 @@ def _env(**extra):
     return env
 
 
-def _answer_argv(q, folder, out, *extra):
-    return ["answer", "--model", "tiny", "--questions", q, "--image-folder", folder, "--answers", str(out),
+def _answer_argv(q, folder, out, *extra, model="tiny"):
+    return ["answer", "--model", str(model), "--questions", q, "--image-folder", folder, "--answers", str(out),
             "--max-new-tokens", "12", "--no-progress", *map(str, extra)]
 
 
@@ -478,6 +572,20 @@ def tiny():
     from qwen_batched import QwenBatchedVL
 
     return QwenBatchedVL.from_config("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def hub_tiny(tmp_path_factory):
+    """A tiny checkpoint (directory, hub cache holding it as org/tiny-vl, the model loaded from the directory)."""
+    from helpers import make_hf_model
+    from qwen_batched import QwenBatchedVL
+    from test_hub import hub_cache
+
+    src = tmp_path_factory.mktemp("ckpt")
+    make_hf_model().save_pretrained(src)
+    hub = tmp_path_factory.mktemp("hub")
+    hub_cache(hub, "org/tiny-vl", src)
+    return src, str(hub), QwenBatchedVL.from_pretrained(src)
 
 
 def test_tiny_answers_match_direct_generate(tmp_path, tiny):
@@ -490,7 +598,7 @@ def test_tiny_answers_match_direct_generate(tmp_path, tiny):
     for r, d in zip(rows, qs):
         if "error" in r:
             continue
-        imgs = [jobs.decode_image(os.path.join(folder, p)) for p in ([d["image"]] if isinstance(d["image"], str)
+        imgs = [jio.decode_image(os.path.join(folder, p)) for p in ([d["image"]] if isinstance(d["image"], str)
                                                                      else d["image"])]
         ref = tiny.generate(images=[imgs], texts=[d["text"]], max_new_tokens=12)
         n = int(ref.lengths[0])
@@ -534,7 +642,8 @@ def test_killed_run_resumes_without_duplicates_or_losses(tmp_path, tiny):
     assert all(r["answer_id"] == done_before[r["question_id"]] for r in rows if r["question_id"] in done_before)
 
 
-def test_torchrun_two_ranks_equal_single_process(tmp_path, tiny):
+def test_torchrun_two_ranks_equal_single_process(tmp_path, hub_tiny):
+    # the ranks load the model by hub id (HF_HUB_CACHE, offline); the single process from its directory
     # big images first: a split by line count would be unbalanced, the split by estimated tokens is not
     folder = tmp_path / "images"
     sizes = [(420, 420)] * 3 + [(56, 56 + 28 * (i % 4)) for i in range(13)]
@@ -543,19 +652,25 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, tiny):
     rows.insert(7, {"question_id": 99, "image": "missing.png", "text": "gone"})
     write_questions(tmp_path / "q.jsonl", rows)
     q = str(tmp_path / "q.jsonl")
-    flags = ("--batch-size", 4, "--shard-size", 3)
+    sampling = ("--shard-size", 3, "--temperature", 1.0, "--seed", 3)  # sampled answers, other batch sizes
+    src, hub, model = hub_tiny
     single = tmp_path / "single.jsonl"
-    jobs.main(_answer_argv(q, str(folder), single, *flags), model=tiny)
+    jobs.main(_answer_argv(q, str(folder), single, "--batch-size", 4, *sampling, model=src), model=model)
     multi = tmp_path / "multi.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "qwen_batched",
-           *_answer_argv(q, str(folder), multi, *flags)]
-    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=150)
+           *_answer_argv(q, str(folder), multi, "--batch-size", 3, *sampling, model="org/tiny-vl")]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(HF_HUB_CACHE=hub, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                         timeout=150)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert strip_ids(read_jsonl(multi)) == strip_ids(read_jsonl(single))
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("answer_id", "model_id")} for r in rows]
+    assert read_jsonl(multi)[0]["model_id"] == "org/tiny-vl"
+    assert strip(read_jsonl(multi)) == strip(read_jsonl(single))
     parts = tmp_path / "multi.jsonl.parts"
     per_rank = {0: [], 1: []}
     for fn in os.listdir(parts):
-        m = jobs.ANSWER_SHARD_RE.match(fn)
+        m = jio.ANSWER_SHARD_RE.match(fn)
         if m:
             per_rank[int(m.group(3))] += [json.loads(line)["answer"]["question_id"] for line in open(parts / fn)]
     assert sorted(per_rank[0] + per_rank[1], key=str) == sorted([r["question_id"] for r in rows], key=str)
@@ -564,6 +679,44 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, tiny):
     n_big = {r: len(big & set(per_rank[r])) for r in per_rank}
     heavy = max(per_rank, key=lambda r: n_big[r])
     assert n_big[heavy] == 2 and len(per_rank[heavy]) < len(per_rank[1 - heavy])
+
+
+def test_sampled_answers_do_not_depend_on_batching_or_resume(tmp_path, tiny):
+    q, folder = dataset(tmp_path, n=6, multi=(2,))
+    sampling = ("--temperature", 1.0, "--top-k", 50, "--seed", 11, "--max-new-tokens", 8)
+
+    def answers(name, *flags):
+        jobs.main(_answer_argv(q, folder, tmp_path / name, *sampling, *flags), model=tiny)
+        return [(r["question_id"], r["text"], r["metadata"]["n_new_tokens"]) for r in read_jsonl(tmp_path / name)]
+
+    ref = answers("bs1.jsonl", "--batch-size", 1)
+    assert answers("bs6.jsonl", "--batch-size", 6) == ref
+    assert answers("split.jsonl", "--batch-size", 6, "--max-batch-tokens", 300) == ref  # smaller batches
+    answers("resumed.jsonl", "--batch-size", 4, "--limit", 3)
+    assert answers("resumed.jsonl", "--batch-size", 4) == ref
+    greedy = [r["text"] for r in read_jsonl(tmp_path / "bs1.jsonl")]
+    jobs.main(_answer_argv(q, folder, tmp_path / "greedy.jsonl", "--max-new-tokens", 8), model=tiny)
+    assert greedy != [r["text"] for r in read_jsonl(tmp_path / "greedy.jsonl")]
+    other = answers("seed12.jsonl", "--batch-size", 6, "--seed", 12)
+    assert other != ref
+
+
+def test_answer_with_a_hub_id_offline(tmp_path, hub_tiny, monkeypatch):
+    src, hub, _ = hub_tiny
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    q, folder = dataset(tmp_path, n=3)
+    out = tmp_path / "a.jsonl"
+    argv = ["answer", "--model", "org/tiny-vl", "--cache-dir", hub, "--questions", q, "--image-folder", folder,
+            "--answers", str(out), "--max-new-tokens", "4", "--no-progress"]
+    jobs.main(argv)
+    rows = read_jsonl(out)
+    assert len(rows) == 3 and all(r["model_id"] == "org/tiny-vl" and "error" not in r for r in rows)
+    # the same files as a directory are the same model: nothing to redo
+    jobs.main([*argv[:2], str(src), *argv[3:]], model=FakeModel(crash_after=0))
+    assert read_jsonl(out) == rows
+    with pytest.raises(SystemExit, match="error: --model: 'org/missing' is not a local directory and it is not in "
+                                         "the hub cache"):
+        jobs.main([*argv[:2], "org/missing", *argv[3:]])
 
 
 def test_extract_shards_match_extract_features(tmp_path, tiny):
@@ -583,7 +736,7 @@ def test_extract_shards_match_extract_features(tmp_path, tiny):
     assert len(index["shards"]) >= 2
     for i, e in enumerate(index["items"][:4]):
         got = jobs.load_features(str(out), e["id"])
-        img = jobs.decode_image(os.path.join(folder, e["id"]))
+        img = jio.decode_image(os.path.join(folder, e["id"]))
         ref = tiny.extract_features(images=[[img]], texts=["Describe it."], layers=[-1, 2])
         valid = ref.attention_mask[0].bool()
         assert e["length"] == int(valid.sum()) == e["n_prompt_tokens"]
@@ -616,3 +769,36 @@ def test_bench_answers_equal_transformers_generate_per_sample(capsys):
     assert [r["method"].split(",")[0] for r in res] == ["jobs", "HF generate per sample"]
     assert res[-1]["same_answers"] == 1.0 and res[0]["new_tokens"] == res[1]["new_tokens"]
     assert "| questions/s |" in capsys.readouterr().out
+
+
+def test_cli_help_shows_defaults_and_bad_options_are_refused(tmp_path, capsys):
+    from qwen_batched.jobs.cli import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["answer"].format_help()
+    for piece in ("(default: 128)", "(default: 8)", "(default: chat)", "(default: category)"):
+        assert piece in text
+    q, folder = dataset(tmp_path, n=1)
+    for flag, value in (("--batch-size", 0), ("--max-pixels", -5), ("--max-batch-tokens", 0)):
+        with pytest.raises(SystemExit, match=f"{flag} must be >= 1"):
+            run_fake(FakeModel(), "--questions", q, "--answers", tmp_path / "a.jsonl", flag, value)
+    with pytest.raises(SystemExit, match="does not exist"):
+        run_fake(FakeModel(), "--questions", tmp_path / "nope.jsonl", "--answers", tmp_path / "a.jsonl")
+
+
+def test_load_features_rejects_bad_arguments(tmp_path):
+    folder = tmp_path / "imgs"
+    make_images(str(folder), [(56, 56)])
+    out = tmp_path / "feats"
+    jobs.main(["extract", "--model", "tiny", "--images", str(folder), "--out", str(out), "--no-progress"],
+              model=FakeModel())
+    assert jobs.load_features(out, 0)["input_ids"].shape == jobs.load_features(str(out), "img000.png")["input_ids"].shape
+    with pytest.raises(IndexError, match="position 1 out of range"):
+        jobs.load_features(out, 1)
+    with pytest.raises(KeyError, match="no input with id 'x.png'"):
+        jobs.load_features(out, "x.png")
+    with pytest.raises(TypeError, match="which must be"):
+        jobs.load_features(out, 1.0)
+    with pytest.raises(TypeError, match="out_dir"):
+        jobs.load_features(None, 0)
+    with pytest.raises(FileNotFoundError, match="no index.json"):
+        jobs.load_features(tmp_path, 0)

@@ -41,9 +41,13 @@ def setup():
     return QwenBatchedVL.from_hf(hf), model_inputs(build_batch(QwenBatchedVL.from_hf(hf).cfg))
 
 
-@pytest.mark.parametrize("backend", ["flash", "torch_varlen"])
-def test_packed_paths_equal_sdpa(setup, backend, monkeypatch):
+@pytest.mark.parametrize("backend, hole", [("flash", False), ("torch_varlen", False), ("flash", True)])
+def test_packed_paths_equal_sdpa(setup, backend, hole, monkeypatch):
     model, batch = setup
+    if hole:  # a masked token inside a row's span: packing counts real tokens, not the span
+        mask = batch["attention_mask"].clone()
+        mask[0, -5] = 0
+        batch = dict(batch, attention_mask=mask)
     ref = model.extract_features(**batch)
     ref_gen = model.generate(**batch, max_new_tokens=8, eos_token_id=[])
     monkeypatch.setattr(attention, "_flash_varlen", fake_flash)

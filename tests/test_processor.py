@@ -289,21 +289,21 @@ def _manual_video_rows(frames: torch.Tensor) -> torch.Tensor:
 
 def test_video_layout_and_odd_frame_padding(proc):
     clip = noise(56, 84, seed=9, n=4)  # (T=4, 3, H, W)
-    out = proc.preprocess_images(clip[None], as_video=True)
-    assert out.image_grid_thw.tolist() == [[2, 4, 6]] and out.images_per_sample == (1,)
-    assert (out.pixel_values - _manual_video_rows(clip)).abs().max() <= 1e-6
-    odd = proc.preprocess_images([clip[:3]], as_video=True)  # 3 frames: the last one is repeated
+    out = proc.preprocess_videos(clip[None])
+    assert out.video_grid_thw.tolist() == [[2, 4, 6]] and out.videos_per_sample == (1,)
+    assert (out.pixel_values_videos - _manual_video_rows(clip)).abs().max() <= 1e-6
+    odd = proc.preprocess_videos([clip[:3]])  # 3 frames: the last one is repeated
     padded = torch.cat([clip[:3], clip[2:3]])
-    assert odd.image_grid_thw.tolist() == [[2, 4, 6]]
-    assert (odd.pixel_values - _manual_video_rows(padded)).abs().max() <= 1e-6
+    assert odd.video_grid_thw.tolist() == [[2, 4, 6]]
+    assert (odd.pixel_values_videos - _manual_video_rows(padded)).abs().max() <= 1e-6
 
 
 def test_single_frame_video_equals_image(proc):
     img = noise(200, 300, seed=10)
     as_image = proc.preprocess_images([img])
-    as_clip = proc.preprocess_images(img[None, None], as_video=True)
-    assert as_clip.image_grid_thw.equal(as_image.image_grid_thw)
-    assert as_clip.pixel_values.equal(as_image.pixel_values)
+    as_clip = proc.preprocess_videos(img[None, None])
+    assert as_clip.video_grid_thw.equal(as_image.image_grid_thw)
+    assert as_clip.pixel_values_videos.equal(as_image.pixel_values)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -351,7 +351,7 @@ def test_error_wrong_rank(proc):
     with pytest.raises(ValueError, match="expected a"):
         proc.preprocess_images(torch.zeros(1, 1, 1, 3, 56, 56, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"\(B, T, C, H, W\)"):
-        proc.preprocess_images(torch.zeros(3, 56, 56, dtype=torch.uint8), as_video=True)
+        proc.preprocess_videos(torch.zeros(3, 56, 56, dtype=torch.uint8))
 
 
 def test_error_empty_images(proc):

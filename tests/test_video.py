@@ -84,8 +84,8 @@ def test_prepare_layout(models, inputs):
     assert row[first_vid - 1] == c.vision_start_token_id and row[first_vid + 12] == c.vision_end_token_id
     # pixels are the processor's video path: one clip list, sample-major
     flat = [VIDEOS[0]] + VIDEOS[1]
-    direct = models[1].processor.preprocess_images(flat, as_video=True)
-    assert direct.pixel_values.equal(x.pixel_values_videos) and direct.image_grid_thw.equal(x.video_grid_thw)
+    direct = models[1].processor.preprocess_videos(flat)
+    assert direct.pixel_values_videos.equal(x.pixel_values_videos) and direct.video_grid_thw.equal(x.video_grid_thw)
 
 
 # ------------------------------------------------------------------------------------------- parity

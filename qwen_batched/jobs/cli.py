@@ -11,17 +11,40 @@ from .answer import run_answer
 from .extract import run_extract
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help (where there is one to show), examples kept as written."""
+
+    def _get_help_string(self, action):
+        if any(action.default is x for x in (None, False, "", argparse.SUPPRESS)) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _keys(spec: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in spec.split(",") if k.strip())
+
+
 def _common_args(p: argparse.ArgumentParser, shard_size: int) -> None:
     p.add_argument("--model", "--model-path", dest="model", required=True,
-                   help="checkpoint directory, or a preset name ('tiny', '3b', ...) for RANDOM weights")
+                   help="checkpoint directory, hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct: the hub cache first, "
+                        "downloaded unless HF_HUB_OFFLINE=1), or a preset name ('tiny', '3b', ...) for RANDOM weights")
+    p.add_argument("--revision", default=None, help="hub id revision: branch, tag or commit (default: main)")
+    p.add_argument("--cache-dir", default=None, help="hub cache directory (default: HF_HUB_CACHE)")
     p.add_argument("--image-folder", default=None, help="base directory of relative image paths")
+    p.add_argument("--extra-keys", type=_keys, default="category",
+                   help="comma-separated keys an input line may carry besides the documented ones (ignored); any "
+                        "other key makes the line an error")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: cuda:LOCAL_RANK)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: the checkpoint's on CUDA, float32 on CPU")
     p.add_argument("--conv-mode", default="chat", choices=["chat", "raw"],
                    help="chat: the model's chat template; raw: the text as is, images in front")
+    p.add_argument("--min-pixels", type=int, default=None, help="resize bound per image (default: the checkpoint's)")
+    p.add_argument("--max-pixels", type=int, default=None, help="resize bound per image (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=8, help="most items per batch")
     p.add_argument("--max-batch-tokens", type=int, default=None,
-                   help="cap on batch size x longest (estimated) sequence, generated tokens included")
+                   help="cap on batch size x longest sequence, generated tokens included (batches are planned "
+                        "from estimates; the model splits a batch that is over it)")
     p.add_argument("--sort-window", type=int, default=1024, help="items sorted by length within windows of this")
     p.add_argument("--shard-size", type=int, default=shard_size, help="items per shard file (resume granularity)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -29,9 +52,9 @@ def _common_args(p: argparse.ArgumentParser, shard_size: int) -> None:
     p.add_argument("--prefetch", type=int, default=None,
                    help="batches prepared ahead, each held in (pinned) memory (default: workers + 1)")
     p.add_argument("--limit", type=int, default=None, help="only the first N inputs")
-    p.add_argument("--overwrite", action="store_true", help="discard earlier results in the output")
-    p.add_argument("--retry-errors", action="store_true", help="redo items that failed in an earlier run")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard the results already in the output (needed after changing the model or a setting)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.add_argument("--progress-all-ranks", action="store_true", help="a progress line from every rank")
     p.add_argument("--max-model-failures", type=int, default=8,
                    help="stop after this many items in a row fail inside the model (they are retried next run)")
@@ -41,40 +64,48 @@ def _common_args(p: argparse.ArgumentParser, shard_size: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m qwen_batched", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m qwen_batched", formatter_class=_Formatter,
         description="Batched Qwen2.5-VL jobs (single process or torchrun).",
         epilog="""examples:
-  python -m qwen_batched answer --model /ckpt/Qwen2.5-VL-7B-Instruct --questions q.jsonl \\
+  python -m qwen_batched answer --model Qwen/Qwen2.5-VL-7B-Instruct --questions q.jsonl \\
       --image-folder images/ --answers answers.jsonl --batch-size 32
-  torchrun --nproc-per-node=8 -m qwen_batched answer --model /ckpt/Qwen2.5-VL-7B-Instruct ...   (same flags)
+  torchrun --nproc-per-node=8 -m qwen_batched answer --model Qwen/Qwen2.5-VL-7B-Instruct ...   (same flags)
   python -m qwen_batched extract --model /ckpt/Qwen2.5-VL-3B-Instruct --images images/ --out feats/ \\
       --layers -1,12 --text "Describe the image."
   python -m qwen_batched answer --model tiny ...   (random weights: for trying the pipeline out)
 
-Rerunning the same command resumes: finished items are kept, the rest is done, the output is rebuilt.""")
+Rerunning the same command resumes: finished items are kept; new, changed and failed items are (re)done; the
+output is rebuilt. Results of another model or other settings are never mixed in (--overwrite discards them).""")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    a = sub.add_parser("answer", help="answer a question file (LLaVA model_vqa-style answers jsonl)")
+    a = sub.add_parser("answer", formatter_class=_Formatter,
+                       help="answer a question file (LLaVA model_vqa-style answers jsonl)")
     a.add_argument("--questions", "--question-file", dest="questions", required=True,
                    help='jsonl: {"question_id", "image": path or list, "text"}')
     a.add_argument("--answers", "--answers-file", dest="answers", required=True, help="output jsonl")
     a.add_argument("--shard-dir", default=None, help="where shards go (default: ANSWERS.parts)")
-    a.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=128)
+    a.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=128,
+                   help="most tokens generated per answer")
     a.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    a.add_argument("--top-k", type=int, default=0)
-    a.add_argument("--top-p", type=float, default=1.0)
-    a.add_argument("--seed", type=int, default=0, help="sampling seed (per batch: seed + first position)")
+    a.add_argument("--top-k", type=int, default=0, help="0: off")
+    a.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    a.add_argument("--seed", type=int, default=0,
+                   help="sampling seed; each question samples from its own seed derived from this and its id (or "
+                        "content), so its answer does not depend on batch size, ranks or resumes")
     _common_args(a, shard_size=64)
     a.set_defaults(func=run_answer)
 
-    e = sub.add_parser("extract", help="write hidden states of chosen layers as safetensors shards + index.json")
-    e.add_argument("--images", required=True, help="a directory, a .txt list of paths, or a .jsonl of inputs")
+    e = sub.add_parser("extract", formatter_class=_Formatter,
+                       help="write hidden states of chosen layers as safetensors shards + index.json")
+    e.add_argument("--images", required=True, help='a directory, a .txt list of paths, or a .jsonl of '
+                                                   '{"id", "image": path or list, "text"}')
     e.add_argument("--out", required=True, help="output directory (shards and index.json)")
     e.add_argument("--layers", default="-1", help="comma-separated decoder layers, e.g. -1,12")
-    e.add_argument("--text", default="", help="prompt text that goes with every image")
+    e.add_argument("--text", default="", help="prompt text of inputs that have none")
     e.add_argument("--tokens", default="all", choices=["all", "image"],
                    help="rows stored per input: all non-pad tokens, or only image tokens")
-    e.add_argument("--save-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    e.add_argument("--save-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the stored hidden states (auto: the model's)")
     e.add_argument("--save-vision", action="store_true", help="also store the vision tower's image embeddings")
     e.add_argument("--no-final-norm", action="store_true", help="last layer without the final RMSNorm")
     _common_args(e, shard_size=32)
@@ -100,8 +131,12 @@ def main(argv: Sequence[str] | None = None, model=None) -> int:
     args = build_parser().parse_args(_join_layers(list(sys.argv[1:] if argv is None else argv)))
     if args.prefetch is None:
         args.prefetch = max(2, args.workers + 1)
-    if args.batch_size < 1 or args.shard_size < 1:
-        raise SystemExit("error: --batch-size and --shard-size must be >= 1")
+    for name in ("batch_size", "shard_size", "min_pixels", "max_pixels", "max_batch_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
+        raise SystemExit(f"error: --min-pixels {args.min_pixels} > --max-pixels {args.max_pixels}")
     src = args.questions if args.command == "answer" else args.images
     if not os.path.exists(src):
         raise SystemExit(f"error: {src} does not exist")
