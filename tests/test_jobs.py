@@ -126,7 +126,7 @@ class FakeProcessor:
             ids[b, L - len(r):] = torch.tensor(r)
             mask[b, L - len(r):] = 1
         layout = BatchLayout(first=tuple(L - len(r) for r in rows), last=(L - 1,) * len(rows),
-                             image_grids=tuple(map(tuple, grids)), images_per_row=tuple(len(i) for i in images))
+                             n_real=tuple(len(r) for r in rows), image_grids=tuple(map(tuple, grids)), images_per_row=tuple(len(i) for i in images))
         return ModelInputs(ids, mask, None, torch.cat(pvs) if pvs else None, torch.tensor(grids) if grids else None,
                            images_per_sample=layout.images_per_row, layout=layout)
 
