@@ -48,7 +48,8 @@ def run_step(model, args) -> None:
     out = step(observation[0])  # warm-up (compiles and captures with compile=True)
     h = out.hidden_states[0]
     print(f"  hidden_states[0] {tuple(h.shape)} {h.dtype}, attention_mask {tuple(out.attention_mask.shape)}, "
-          f"image tokens per sample: {step.n_cameras * step.tokens_per_image}, last-token features {tuple(h[:, -1].shape)}")
+          f"image tokens per sample: {step.n_cameras * step.tokens_per_image}, "
+          f"last-token features {tuple(h[:, -1].shape)}")
     times = []
     for s in range(1, args.iters + 1):
         sync(model.device)

@@ -154,6 +154,7 @@ def run_case(name: str, B: int, hf, ours, hf_proc, device, reps: int, warmup: in
     for k, v in t.items():
         row[f"{k}_ms"] = v["median_s"] * 1e3
         row[f"{k}_p90_ms"] = v["p90_s"] * 1e3
+        row[f"{k}_min_ms"] = v["min_s"] * 1e3
     for k in [k for k in fns if k.startswith("step")]:
         row[f"{k}_x_vs_extract_features"] = row["extract_features_ms"] / row[f"{k}_ms"]
         row[f"{k}_x_vs_transformers"] = row["transformers_ms"] / row[f"{k}_ms"]
@@ -174,8 +175,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="case (a) only, no compiled step, fewer reps (a smoke run)")
     ap.add_argument("--model", default=None, help="checkpoint directory (instead of random weights)")
     ap.add_argument("--hf-attn", default="sdpa")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     config = args.config or ("3b" if cuda else "cpu-small")
@@ -192,8 +196,8 @@ def main(argv=None):
             default = (10 if args.quick else 30) if cuda else (5 if args.quick or B > 1 else 15)
             rows.append(run_case(name, B, hf, ours, hf_proc, device, args.reps or default, warmup=3 if cuda else 1,
                                  variants=variants))
-    meta = {**header(device), "config": config, "dtype": str(dtype), "hf_image_processor": hf_proc[0],
-            "attn_backend": ours.feature_step(1, 1, 224, 224, texts="x").backend}
+    meta = {**header(device), "config": config, "dtype": str(dtype), "threads": torch.get_num_threads(),
+            "hf_image_processor": hf_proc[0], "attn_backend": ours.backend}
     print(markdown_table(rows, [(k, k) for k in rows[0]]))
     write_json(args.json, {"meta": meta, "rows": rows})
 

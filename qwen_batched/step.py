@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .attention import PACKED_BACKENDS, VarlenPlan
 from .fused import give_up, kernels_enabled, patchify_reference, resize_patchify
 from .outputs import FeatureOutput
-from .prompts import IMAGE_TOKEN, expand_image_tokens, render_builtin, render_jinja
+from .prompts import IMAGE_TOKEN, expand_image_tokens
 from .resize import device_taps, resize_bands, resize_float
 from .rope import mrope_cos_sin, rope_index
 from .text import PackedAttention
@@ -78,10 +78,7 @@ class PromptTokens:
 
     def _encode(self, text: str) -> list[int]:
         proc = self.processor
-        if proc.chat_template is None:
-            prompt = render_builtin(text, self.n_images, None)
-        else:
-            prompt = render_jinja(proc.chat_template, text, self.n_images, None)
+        prompt = proc._render(text, self.n_images, True, None)  # the chat turn exactly as prepare() renders it
         prompt = expand_image_tokens(prompt, [self.tokens_per_image] * self.n_images)
         return list(proc.tokenizer.encode(prompt))
 
@@ -95,7 +92,8 @@ class PromptTokens:
             raise ValueError(f"{where} holds {IMAGE_TOKEN}; the step inserts the image blocks itself")
         full = self._encode(text)
         p, s = len(self.layout.prefix), len(self.layout.suffix)
-        if len(full) < p + s or tuple(full[:p]) != self.layout.prefix or tuple(full[len(full) - s:]) != self.layout.suffix:
+        lay = self.layout
+        if len(full) < p + s or tuple(full[:p]) != lay.prefix or tuple(full[len(full) - s:]) != lay.suffix:
             raise ValueError(f"{where}: its tokens merge with the prompt around it; use a text that starts and ends "
                              "on a token boundary")
         ids = tuple(full[p:len(full) - s])
@@ -136,6 +134,8 @@ class FeatureStep:
     ``image_mask`` (B, L) and ``vision_embeds`` (B*N*tokens_per_image, D), laid out as
     ``[prefix and images][pad][text][suffix]`` (module docstring). The real tokens carry the hidden states
     ``extract_features(images=frames, texts=texts)`` gives them.
+    Checks are on metadata only (shape, dtype, device): pixel values are not read back, so floating frames must
+    already be in 0..1. A step is bound to the model's device and dtype when it is built.
     """
 
     def __init__(self, model, batch_size: int, n_cameras: int, height: int, width: int, *, texts=None,
