@@ -20,6 +20,7 @@ token (the assistant prefix) is always at column ``L - 1``.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -340,23 +341,41 @@ class FeatureStep:
         frames = self._check_frames(frames)
         ids, pad = self._text_tensors(self._resolve_texts(texts))
         if self.cuda_graph:
-            return self._replay(frames, ids, pad)
+            out = self._replay(frames, ids, pad)
+            if out is not None:
+                return out
         if isinstance(frames, list):
             frames = torch.stack(frames, dim=1)  # (B, N, 3, H, W)
-        hidden, mask, vis = self._device_fn(self._pixels(frames), ids, pad)
-        return self._output(hidden, mask, vis)
+        return self._output(*self._device(self._pixels(frames), ids, pad))
+
+    def _device(self, pixels: torch.Tensor, ids: torch.Tensor, pad: torch.Tensor):
+        """The device part, compiled when asked; a compilation that fails leaves the step eager, with a warning."""
+        try:
+            return self._device_fn(pixels, ids, pad)
+        except Exception as e:
+            if self._device_fn is self._forward:
+                raise
+            warnings.warn(f"torch.compile of the feature step failed ({type(e).__name__}: {e}); running it eagerly")
+            self._device_fn = self._forward
+            return self._forward(pixels, ids, pad)
 
     def _output(self, hidden, mask, vis) -> FeatureOutput:
         return FeatureOutput(hidden_states=hidden, attention_mask=mask, image_mask=self.image_mask.clone(),
                              vision_embeds=vis, layers=self.layers)
 
-    def _replay(self, frames, ids, pad) -> FeatureOutput:
+    def _replay(self, frames, ids, pad) -> FeatureOutput | None:
         """CUDA graph: copy the inputs into the static buffers, replay the graph, copy the outputs out (a replay
-        overwrites the previous outputs)."""
+        overwrites the previous outputs). None when the capture failed (the step then runs without a graph)."""
         dtype = frames[0].dtype if isinstance(frames, list) else frames.dtype
         g = self._graphs.get(dtype)
         if g is None:
-            g = self._graphs[dtype] = self._capture(dtype, ids, pad)
+            try:
+                g = self._graphs[dtype] = self._capture(dtype, ids, pad)
+            except Exception as e:
+                warnings.warn(f"CUDA graph capture of the feature step failed ({type(e).__name__}: {e}); "
+                              "running it without a graph")
+                self.cuda_graph = False
+                return None
         if isinstance(frames, list):
             for i, x in enumerate(frames):
                 g.frames[:, i].copy_(x)
@@ -375,7 +394,7 @@ class FeatureStep:
         ids, pad = ids.clone(), pad.clone()
 
         def run():
-            return self._device_fn(self._pixels(frames), ids, pad)
+            return self._device(self._pixels(frames), ids, pad)
 
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

@@ -2,6 +2,8 @@
 batch sizes and dict inputs; a warm step reads nothing back from the device; the compiled step equals eager and
 does not recompile when the texts change; every bad input is a clear error before any work. The CUDA checks
 (sync debug mode, graph capture) are in test_gpu_step.py."""
+import warnings
+
 import pytest
 import torch
 
@@ -105,7 +107,11 @@ def test_compiled_step_equals_eager_and_does_not_recompile(models):
     comp = m.feature_step(*args, texts="pick", max_text_tokens=16, compile=True)
     frames = _frames(*args)
     before = counters["stats"]["unique_graphs"]
-    out = comp(frames)  # fullgraph=True: a graph break would raise
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = comp(frames)
+    fallbacks = [str(w.message) for w in caught if "feature step failed" in str(w.message)]
+    assert not fallbacks, fallbacks  # fullgraph=True compiled: no graph break, no fallback to eager
     assert counters["stats"]["unique_graphs"] - before == 1
     ref = eager(frames)
     assert rel_err(out.hidden_states[0], ref.hidden_states[0]) <= 1e-4
@@ -187,3 +193,18 @@ def test_example_step(capsys):
     example.main(["--step", "--batch", "2", "--cameras", "2", "--size", "84", "--iters", "2"])
     out = capsys.readouterr().out
     assert "image tokens per sample: 18" in out and "ms per step" in out
+
+
+def test_failed_compilation_falls_back_to_eager(models):
+    step = models[1].feature_step(1, 1, 56, 56, texts="go")
+    frames = _frames(1, 1, 56, 56)
+    ref = step(frames)
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    step._device_fn = broken  # what a failed torch.compile looks like from the step
+    with pytest.warns(UserWarning, match="feature step failed"):
+        out = step(frames)
+    assert torch.equal(out.hidden_states[0], ref.hidden_states[0])
+    assert step._device_fn == step._forward  # eager from then on
