@@ -64,7 +64,7 @@ def run_step(model, args) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="checkpoint directory (default: random-weight tiny model)")
+    ap.add_argument("--model", default=None, help="checkpoint directory or hub id (default: random-weight tiny model)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--batch", type=int, default=4, help="samples per batch")

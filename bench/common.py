@@ -115,6 +115,9 @@ def bf16_peak_tflops(device) -> float | None:
 
 
 def git_commit() -> str:
+    """The commit measured: $QWEN_BATCHED_COMMIT when the caller knows it (a copied tree's .git may be stale)."""
+    if os.environ.get("QWEN_BATCHED_COMMIT"):
+        return os.environ["QWEN_BATCHED_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()

@@ -30,8 +30,13 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-"$PY" -c "import qwen_batched.kernels" 2>/dev/null || \
-  "$PY" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+if ! "$PY" -c "import qwen_batched.kernels" 2>/dev/null; then
+  # not installed (an offline machine cannot build an editable install): import the source tree, with kernels/
+  # reachable as qwen_batched.kernels through an ignored link
+  [ -e qwen_batched/kernels ] || ln -s ../kernels qwen_batched/kernels
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export QWEN_BATCHED_COMMIT=${QWEN_BATCHED_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 if [ "$DEVICE" = cuda ]; then
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
   export TRITON_INTERPRET=0
@@ -53,8 +58,9 @@ quick() {
     printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$tmp/parts.tsv"
   }
   if [ "$DEVICE" = cuda ]; then
-    part tests 200 "$PY" -m pytest -q -x tests/test_gpu_vision.py tests/test_gpu_decoder.py tests/test_gpu_processor.py \
-      tests/test_kernels.py tests/test_kernels_fused.py $(ls tests/test_gpu_step.py 2>/dev/null)
+    part tests 200 "$PY" -m pytest -q -rfE -s -p no:cacheprovider tests/test_gpu_vision.py tests/test_gpu_decoder.py \
+      tests/test_gpu_processor.py tests/test_kernels.py tests/test_kernels_fused.py tests/test_packed_paths.py \
+      $(ls tests/test_gpu_step.py 2>/dev/null)
   else
     part tests 200 "$PY" -m pytest -q -x tests/test_kernels_fused.py -k "argument_error or falls_back"
   fi
@@ -84,6 +90,7 @@ PYEOF
 }
 
 rc=0
+touch /tmp/run_gpu.start
 case "$MODE" in
   quick) quick || rc=$? ;;
   tests) "$PY" -m pytest -q -s tests/test_gpu_vision.py tests/test_gpu_decoder.py tests/test_gpu_processor.py \
@@ -93,5 +100,7 @@ case "$MODE" in
   all) "$0" tests || rc=$?; "$0" deviation || rc=$?; "$0" speed || rc=$? ;;
   *) echo "usage: $0 [quick|tests|deviation|speed|all] [--device cuda|cpu]" >&2; exit 2 ;;
 esac
-if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/results" && cp -r bench/results/. "$OUT/results/"; fi
+if [ -n "${OUT:-}" ]; then  # only what this run wrote (the device tool brings back a few files)
+  mkdir -p "$OUT/results" && find bench/results -type f -newer /tmp/run_gpu.start -exec cp {} "$OUT/results/" \;
+fi
 exit $rc

@@ -18,6 +18,7 @@ from .inputs import ModelInputs
 from .outputs import FeatureOutput, GenerateOutput
 from .rope import rope_index
 from .text import TextModel, run_batch
+from .tp import setup as setup_tp
 from .validation import (check_budget, check_context, check_dtype, check_generate_args, checked_vision_inputs,
                          resolve_eos, resolve_layers, row_seeds, validate_inputs)
 from .vision import VisionTransformer
@@ -45,6 +46,7 @@ class QwenBatchedVL(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.processor = None  # set by the constructors below (BatchedImageProcessor)
+        self.tp = None  # tp.TensorParallel when split across ranks (tp_size > 1)
         self.image_cache = None  # see enable_image_cache
 
     # ------------------------------------------------------------------ constructors
@@ -57,8 +59,12 @@ class QwenBatchedVL(nn.Module):
 
     @classmethod
     def from_config(cls, config_or_name: ModelConfig | str = "tiny", *, device=None, dtype=None, seed: int = 0,
-                    attn_backend: str = "auto") -> "QwenBatchedVL":
-        """A model with random weights (std 0.02 linears/embeddings, unit norms): demos, tests, benchmarks."""
+                    attn_backend: str = "auto", tp_size: int = 1) -> "QwenBatchedVL":
+        """A model with random weights (std 0.02 linears/embeddings, unit norms): demos, tests, benchmarks.
+
+        tp_size > 1 splits it across the ranks of a process group (see ``qwen_batched.tp``): each rank draws the
+        same full weights as one process would and keeps its slices.
+        """
         if isinstance(config_or_name, str):
             cfg = ModelConfig.from_name(config_or_name)
         elif isinstance(config_or_name, ModelConfig):
@@ -67,27 +73,37 @@ class QwenBatchedVL(nn.Module):
             raise TypeError(f"config_or_name must be a ModelConfig or a preset name, got {type(config_or_name).__name__}")
         device = torch.device(device) if device is not None else torch.device("cpu")
         dtype = check_dtype(dtype) or _default_dtype(device, cfg)
+        tp = setup_tp(tp_size, cfg, device, dtype)
+        device = tp.device if tp else device
         model = cls._empty(cfg, device, dtype, attn_backend)
+        full = model.state_dict()
+        if tp:
+            tp.apply(model)
         gen = torch.Generator(device=device).manual_seed(int(seed))
         state = {}
-        for name, p in model.state_dict().items():  # materialise straight on the device, in the target dtype
+        for name, p in full.items():  # materialise straight on the device, in the target dtype
             t = torch.empty(p.shape, device=device, dtype=dtype)
             if p.dim() == 1:  # 1-D weights are norm scales, the rest biases
                 t.fill_(1.0) if name.endswith(".weight") else t.zero_()
             else:
                 t.normal_(0.0, 0.02, generator=gen)
-            state[name] = t
+            state[name] = t if tp is None else tp.shard(name, t).clone()  # a rank keeps only its slice
         if cfg.tie_word_embeddings:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+            emb = state["model.embed_tokens.weight"]
+            state["lm_head.weight"] = emb if tp is None else tp.shard("lm_head.weight", emb)
         return model._take(state, processor_path=None)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, revision: str | None = None,
                         cache_dir: str | os.PathLike | None = None, device=None, dtype=None,
-                        attn_backend: str = "auto") -> "QwenBatchedVL":
+                        attn_backend: str = "auto", tp_size: int = 1) -> "QwenBatchedVL":
         """Load a checkpoint (``config.json`` + safetensors, single file or sharded): a directory, or a hub id
         (``"Qwen/Qwen2.5-VL-7B-Instruct"``) resolved as ``transformers`` does: the local hub cache first
-        (``cache_dir``, default ``HF_HUB_CACHE``), downloaded at ``revision`` when missing unless ``HF_HUB_OFFLINE=1``."""
+        (``cache_dir``, default ``HF_HUB_CACHE``), downloaded at ``revision`` when missing unless ``HF_HUB_OFFLINE=1``.
+
+        tp_size > 1 (under torchrun, or with a process group set up): split across tp_size ranks, each reading
+        only its slices of the files (see ``qwen_batched.tp``); device 'cuda' means ``cuda:LOCAL_RANK``.
+        """
         from .hub import resolve_checkpoint
         from .loading import load_state_dict
 
@@ -99,8 +115,13 @@ class QwenBatchedVL(nn.Module):
             cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + eos)))
         device = torch.device(device) if device is not None else torch.device("cpu")
         dtype = check_dtype(dtype) or _default_dtype(device, cfg)
+        tp = setup_tp(tp_size, cfg, device, dtype)
+        device = tp.device if tp else device
         model = cls._empty(cfg, device, dtype, attn_backend)
-        return model._take(load_state_dict(path, model, device=device, dtype=dtype), processor_path=path)
+        if tp:
+            tp.apply(model)
+        state = load_state_dict(path, model, device=device, dtype=dtype, select=tp.select if tp else None)
+        return model._take(state, processor_path=path)
 
     @classmethod
     def from_hf(cls, hf_model, *, dtype=None, attn_backend: str = "auto") -> "QwenBatchedVL":
@@ -145,7 +166,7 @@ class QwenBatchedVL(nn.Module):
         from .processor import load_processor
 
         self.load_state_dict(state, strict=True, assign=True)
-        if self.cfg.tie_word_embeddings:
+        if self.cfg.tie_word_embeddings and self.tp is None:  # under TP lm_head is a view of its vocab slice
             self.lm_head.weight = self.model.embed_tokens.weight
         self.eval().requires_grad_(False)
         self.backend = resolve_backend(self.attn_backend, self.device, self.dtype)
@@ -188,9 +209,14 @@ class QwenBatchedVL(nn.Module):
         return self._encode_cached(pixel_values, grids)
 
     def _vision(self, pixel_values: torch.Tensor, grids: tuple, return_pre_merger: bool = False) -> torch.Tensor:
-        """The vision tower on checked inputs with host grids."""
-        geo = self.caches.geometry(grids, self.device, self.backend)
-        return self.visual(pixel_values, geo, self.backend, return_pre_merger)
+        """The vision tower on checked inputs with host grids; under tensor parallelism the images are split
+        across the ranks and the features all-gathered."""
+        def encode(pv: torch.Tensor, g: tuple) -> torch.Tensor:
+            return self.visual(pv, self.caches.geometry(g, self.device, self.backend), self.backend, return_pre_merger)
+
+        if self.tp is not None:
+            return self.tp.encode_images(encode, pixel_values, grids, self.cfg.vision, self.dtype, return_pre_merger)
+        return encode(pixel_values, grids)
 
     def enable_image_cache(self, max_bytes: int = 1 << 30) -> None:
         """Cache vision embeddings per image (keyed by pixel hash, grid, model), LRU bounded by ``max_bytes``."""
@@ -323,6 +349,8 @@ class QwenBatchedVL(nn.Module):
         lay = batch.layout
         check_context(max(lay.lengths) + max_new_tokens, self.cfg, "prompt length + max_new_tokens")
         seeds = torch.tensor(row_seeds(seed, batch.batch_size), dtype=torch.int64, device=self.device)
+        if self.tp is not None and seed is None:  # the drawn base seed may differ by rank: take the first rank's
+            seeds = self.tp.from_first(seeds)
 
         def run(s: int, e: int):
             sub = batch.select_rows(range(s, e))
@@ -378,7 +406,10 @@ class QwenBatchedVL(nn.Module):
                                             device=self.device)
         elif inputs is None:
             inputs = ModelInputs(**tensors)
-        return validate_inputs(inputs, self.cfg, self.device)
+        inputs = validate_inputs(inputs, self.cfg, self.device)
+        if self.tp is not None:
+            self.tp.check_same_inputs(inputs.input_ids, 0 if inputs.pixel_values is None else inputs.pixel_values.shape[0])
+        return inputs
 
     def _encode_vision(self, rows: ModelInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Merged features of the images and of the videos of ``rows`` (each (n_tokens, D) or None). Images and
@@ -419,6 +450,10 @@ class QwenBatchedVL(nn.Module):
         return Embedded(embeds, position_ids, mask.bool(), vision, video)
 
     def _free_memory(self) -> None:
+        """Called before a sub-batch that ran out of memory is retried as two halves."""
+        if self.tp is not None:  # the other ranks are inside this sub-batch's collectives: they cannot follow
+            raise RuntimeError("a sub-batch ran out of device memory under tensor parallelism, where a rank cannot "
+                               "retry alone; pass a smaller max_batch_tokens")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

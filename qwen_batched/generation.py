@@ -137,8 +137,8 @@ def _decode_fns(model, batch: int, length: int, compile: bool):
                 t.zero_()
             return dec, step
         caches.decode = None  # drop the old cache before allocating a new one
-    cache = KVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, length, cfg.head_dim,
-                    model.device, model.dtype)
+    n_kv = model.model.layers[0].self_attn.n_kv  # this rank's KV heads under tensor parallelism
+    cache = KVCache(cfg.num_hidden_layers, batch, n_kv, length, cfg.head_dim, model.device, model.dtype)
     dec = StaticDecoder(model.model, model.lm_head, cache, caches.rope(model.device))
     if not compile:
         return dec, None

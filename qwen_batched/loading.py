@@ -6,7 +6,7 @@ and the in-memory names of ``transformers`` 5 (``model.visual.*``, ``model.langu
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -15,6 +15,8 @@ from .config import read_json
 
 _PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "model."))
 PATCH_EMBED = "visual.patch_embed.proj.weight"
+# (parameter name, full shape) -> index of the part this process keeps, or None for all (tensor parallelism)
+Select = Callable[[str, tuple[int, ...]], "tuple[slice, ...] | None"]
 
 
 def normalize_key(key: str) -> str:
@@ -45,7 +47,9 @@ def checkpoint_files(path: str) -> list[str]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}{hint}")
 
 
-def _iter_safetensors(files: list[str], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(files: list[str], device: torch.device, select: Select | None = None
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) per stored tensor; with ``select``, only the selected slice is read (memory-mapped)."""
     from safetensors import safe_open
 
     dev = "cpu" if device.type == "meta" else str(device)
@@ -53,7 +57,10 @@ def _iter_safetensors(files: list[str], device: torch.device) -> Iterator[tuple[
         try:
             with safe_open(fname, framework="pt", device=dev) as f:
                 for key in f.keys():
-                    yield key, f.get_tensor(key)
+                    part = f.get_slice(key) if select is not None else None
+                    idx = select(normalize_key(key), tuple(part.get_shape())) if part is not None else None
+                    # a slice is a view of the whole mapped tensor: copy it out so only the slice stays in memory
+                    yield key, f.get_tensor(key) if idx is None else part[idx].clone()
         except Exception as e:  # SafetensorsError / OSError on truncated or corrupt files
             raise ValueError(f"cannot read safetensors file {fname!r} (truncated or corrupt?): {e}") from None
 
@@ -66,11 +73,11 @@ def _expected(model: nn.Module) -> dict[str, torch.Size]:
 
 
 def convert_state_dict(tensors: Mapping[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]], model: nn.Module,
-                       *, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                       *, device: torch.device, dtype: torch.dtype, select: Select | None = None) -> dict[str, torch.Tensor]:
     """Rename, reshape (Conv3d patch embedding -> Linear) and check checkpoint tensors against ``model``.
 
     Raises ValueError naming every missing, unexpected or mis-shaped key. Tensors already on the right
-    device/dtype are shared, not copied.
+    device/dtype are shared, not copied. ``select`` picks a tied ``lm_head``'s slice of the embeddings.
     """
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     expected = _expected(model)
@@ -101,11 +108,16 @@ def convert_state_dict(tensors: Mapping[str, torch.Tensor] | Iterator[tuple[str,
             parts.append(f"wrongly shaped tensors ({len(misshaped)}): {misshaped[:20]}")
         raise ValueError("checkpoint does not match the model config: " + "; ".join(parts))
     if model.cfg.tie_word_embeddings:
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+        emb = out["model.embed_tokens.weight"]
+        idx = select("lm_head.weight", tuple(emb.shape)) if select is not None else None
+        out["lm_head.weight"] = emb if idx is None else emb[idx]
     return out
 
 
-def load_state_dict(path: str, model: nn.Module, *, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read every tensor of the checkpoint at ``path`` onto ``device`` as ``dtype``, checked against ``model``."""
+def load_state_dict(path: str, model: nn.Module, *, device: torch.device, dtype: torch.dtype,
+                    select: Select | None = None) -> dict[str, torch.Tensor]:
+    """Read every tensor of the checkpoint at ``path`` onto ``device`` as ``dtype``, checked against ``model``.
+    With ``select`` (tensor parallelism) only each tensor's selected slice is read."""
     files = checkpoint_files(path)
-    return convert_state_dict(_iter_safetensors(files, device), model, device=device, dtype=dtype)
+    return convert_state_dict(_iter_safetensors(files, device, select), model, device=device, dtype=dtype,
+                              select=select)

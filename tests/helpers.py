@@ -42,7 +42,8 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
             "num_heads": v.num_heads, "in_channels": v.in_channels, "patch_size": v.patch_size,
             "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
             "window_size": v.window_size, "out_hidden_size": v.out_hidden_size,
-            "fullatt_block_indexes": list(v.fullatt_block_indexes), "tokens_per_second": v.tokens_per_second,
+            "fullatt_block_indexes": list(v.fullatt_block_indexes), "tokens_per_second": int(v.tokens_per_second) if float(v.tokens_per_second).is_integer()
+            else v.tokens_per_second,  # newer transformers type-check it as an int
             "hidden_act": v.hidden_act,
         },
     }

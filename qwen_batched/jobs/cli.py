@@ -60,6 +60,9 @@ def _common_args(p: argparse.ArgumentParser, shard_size: int) -> None:
                    help="stop after this many items in a row fail inside the model (they are retried next run)")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of a preset's random weights")
     p.add_argument("--dist-timeout", type=float, default=6 * 3600, help="torch.distributed timeout (s)")
+    p.add_argument("--tp-size", type=int, default=1,
+                   help="ranks per model (tensor parallelism, for models larger than one GPU): under torchrun the "
+                        "world is replicas x tp-size; each replica takes a share of the items, its first rank writes")
 
 
 def build_parser() -> argparse.ArgumentParser:

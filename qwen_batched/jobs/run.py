@@ -26,12 +26,20 @@ def _err(e: BaseException) -> str:
 
 # ============================================================================================== torchrun
 class Dist:
-    """Rank/world from the ``torchrun`` environment, with object collectives over a gloo group."""
+    """Rank/world from the ``torchrun`` environment, with object collectives over a gloo group.
 
-    def __init__(self, timeout_s: float = 6 * 3600):
+    With ``tp_size`` N the world is replicas x N: ranks [k*N, (k+1)*N) hold one tensor-parallel model (replica k),
+    take one share of the items together, and the replica's first rank writes its results.
+    """
+
+    def __init__(self, timeout_s: float = 6 * 3600, tp_size: int = 1):
         env = os.environ
         self.world, self.rank = int(env.get("WORLD_SIZE", "1")), int(env.get("RANK", "0"))
         self.local_rank = int(env.get("LOCAL_RANK", "0"))
+        if tp_size < 1 or self.world % tp_size:
+            raise SystemExit(f"error: --tp-size {tp_size} must be >= 1 and divide the number of ranks {self.world} "
+                             f"(torchrun --nproc-per-node x --nnodes = replicas x tp_size)")
+        self.tp_size = tp_size
         self.timeout_s = timeout_s
         self.group = None
         self.initialized = False
@@ -44,6 +52,20 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def replicas(self) -> int:
+        """Model replicas: the item shares."""
+        return self.world // self.tp_size
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.tp_size
+
+    @property
+    def writes(self) -> bool:
+        """Whether this rank writes its replica's results (its first rank)."""
+        return self.rank % self.tp_size == 0
 
     def init(self, device: torch.device) -> None:
         """nccl on CUDA, gloo otherwise, plus a gloo group for the small control messages."""
@@ -173,13 +195,13 @@ def resolved_dtype(source: str, device: torch.device, dtype: str, model=None) ->
     return str(_default_dtype(device, cfg)).replace("torch.", "")
 
 
-def load_model(source: str, device: torch.device, dtype: str, weights_seed: int = 0):
+def load_model(source: str, device: torch.device, dtype: str, weights_seed: int = 0, tp_size: int = 1):
     from ..api import QwenBatchedVL
 
     dt = None if dtype == "auto" else dtype
     if os.path.isdir(source):
-        return QwenBatchedVL.from_pretrained(source, device=device, dtype=dt)
-    return QwenBatchedVL.from_config(source, device=device, dtype=dt, seed=weights_seed)
+        return QwenBatchedVL.from_pretrained(source, device=device, dtype=dt, tp_size=tp_size)
+    return QwenBatchedVL.from_config(source, device=device, dtype=dt, seed=weights_seed, tp_size=tp_size)
 
 
 # ============================================================================================== the plan
@@ -271,7 +293,8 @@ def make_plan(items: list[Item], pending: list[int], estimator: Callable[[Item],
               batch_size: int, max_batch_tokens: int | None, window: int, extra_tokens: int,
               threads: int = 4) -> tuple[list[int], list[list[int]]]:
     """(this rank's positions, its batches), the same split on every rank: header reads are shared out over the
-    ranks (and threads) and all-gathered, then the pending items are split by estimated tokens."""
+    ranks (and threads) and all-gathered, then the pending items are split over the model replicas by estimated
+    tokens (the ranks of a tensor-parallel replica get the same share)."""
     share = pending[dist.rank::dist.world]
     if threads > 1 and len(share) > 64:
         with ThreadPoolExecutor(threads, thread_name_prefix="qwen-batched-estimate") as pool:
@@ -282,8 +305,8 @@ def make_plan(items: list[Item], pending: list[int], estimator: Callable[[Item],
     for part in dist.all_gather(dict(zip(share, est))):
         for i, t in part.items():
             tokens[int(i)] = int(t)
-    parts = split_balanced([tokens[i] + extra_tokens for i in pending], dist.world)
-    mine = [pending[j] for j in parts[dist.rank]]
+    parts = split_balanced([tokens[i] + extra_tokens for i in pending], dist.replicas)
+    mine = [pending[j] for j in parts[dist.replica]]
     return mine, plan_batches(mine, tokens, batch_size=batch_size, max_batch_tokens=max_batch_tokens, window=window,
                               extra_tokens=extra_tokens)
 
@@ -446,7 +469,8 @@ class Job:
 
     def __init__(self, args, model=None):
         self.args = args
-        self.dist = Dist(args.dist_timeout)
+        tp = getattr(model, "tp", None)
+        self.dist = Dist(args.dist_timeout, tp.size if tp is not None else getattr(args, "tp_size", 1))
         self.device = model.device if model is not None else resolve_device(args.device, self.dist)
         self.model = model
         self.model_id = model_name(args.model)
@@ -514,7 +538,7 @@ class Job:
         if self.model is None:
             if not os.path.isdir(source) and not is_preset(source):  # another node: its own cache
                 source = model_source(args.model, args.revision, args.cache_dir)
-            self.model = load_model(source, self.device, args.dtype, args.weights_seed)
+            self.model = load_model(source, self.device, args.dtype, args.weights_seed, dist.tp_size)
         if is_preset(args.model):
             log(dist, f"note: --model {args.model} is a preset with RANDOM weights: its output is meaningless, "
                       f"for tests and demos")
@@ -528,7 +552,9 @@ class Job:
                                   max_batch_tokens=args.max_batch_tokens, window=args.sort_window,
                                   extra_tokens=self.extra_tokens, threads=max(1, args.workers))
         log(dist, f"{self.kind}: {len(self.items)} inputs, {n_done} already done, {len(pending)} to do"
-                  f"{f' on {dist.world} ranks' if dist.enabled else ''}; model {self.model_id} on {self.device}")
+                  f"{f' on {dist.world} ranks' if dist.enabled else ''}"
+                  f"{f' ({dist.replicas} replicas x tp_size {dist.tp_size})' if dist.tp_size > 1 else ''}; "
+                  f"model {self.model_id} on {self.device}")
 
         writer = ShardWriter(self.out_dir, self.shard_prefix, run_id, dist.rank, args.shard_size, self.shard_ext,
                              lambda results: self.encode([(self.items[r.pos].key, self.items[r.pos].digest)
@@ -550,7 +576,8 @@ class Job:
                                                 lambda pos, e: self.error_result(pos, _err(e)), guard)
                     results.sort(key=lambda r: r.pos)
                     n_err += sum("error" in r.record for r in results)
-                    writer.add(results)
+                    if dist.writes:  # the other ranks of a tensor-parallel replica computed the same results
+                        writer.add(results)
                     progress.update(len(results))
         except BaseException:
             try:  # keep what is finished (Ctrl-C, a failing item streak ...); never mask the original error
@@ -560,7 +587,9 @@ class Job:
             raise
         writer.close()
         progress.close()
-        stats = dist.all_gather({"n": len(mine), "errors": n_err, "shards": writer.written,
+        counted = dist.writes  # a replica's results count once
+        stats = dist.all_gather({"n": len(mine) if counted else 0, "errors": n_err if counted else 0,
+                                 "shards": writer.written,
                                  "seconds": time.perf_counter() - t_loop, "extra": self.rank_stats()})
         return self._finish(stats, t0)
 
