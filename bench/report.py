@@ -18,7 +18,8 @@ from bench.common import fmt_mem, markdown_table  # noqa: E402
 TITLES = {"processor": "Processor (images -> model inputs)", "vit": "Vision tower",
           "decoder": "Decoder: features and generation", "cache": "Per-image embedding cache (extract_features)",
           "parts": "Parts of the run (exit code 0 = passed; 124 = stopped by its time limit)",
-          "step": "Real-time feature step"}
+          "step": "Real-time feature step",
+          "prefix": "Shared prefixes: N images x k questions (generate, share_prefix on / off / transformers per sample)"}
 
 
 def _readable(rows: list[dict]) -> list[dict]:

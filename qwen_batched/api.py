@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 import torch
 import torch.nn as nn
@@ -16,12 +19,15 @@ from .config import ModelConfig, load_generation_eos
 from .generation import generate_tokens
 from .inputs import ModelInputs
 from .outputs import FeatureOutput, GenerateOutput
+from .prefix import PrefixGroups, find_groups, probe_index, run_shared
 from .rope import rope_index
 from .text import TextModel, run_batch
 from .tp import setup as setup_tp
-from .validation import (check_budget, check_context, check_dtype, check_generate_args, checked_vision_inputs,
-                         resolve_eos, resolve_layers, row_seeds, validate_inputs)
+from .validation import (check_budget, check_context, check_dtype, check_flag, check_generate_args,
+                         checked_vision_inputs, resolve_eos, resolve_layers, row_seeds, validate_inputs)
 from .vision import VisionTransformer
+
+SHARE_PREFIX = True  # default of share_prefix: see bench/bench_prefix.py (README) for the measurements behind it
 
 
 def _default_dtype(device: torch.device, cfg: ModelConfig) -> torch.dtype:
@@ -206,7 +212,7 @@ class QwenBatchedVL(nn.Module):
         pixel_values = pixel_values.to(self.device)
         if self.image_cache is None or return_pre_merger:
             return self._vision(pixel_values, grids, return_pre_merger)
-        return self._encode_cached(pixel_values, grids)
+        return self._encode_unique(pixel_values, grids)[0]
 
     def _vision(self, pixel_values: torch.Tensor, grids: tuple, return_pre_merger: bool = False) -> torch.Tensor:
         """The vision tower on checked inputs with host grids; under tensor parallelism the images are split
@@ -227,28 +233,68 @@ class QwenBatchedVL(nn.Module):
     def disable_image_cache(self) -> None:
         self.image_cache = None
 
-    def _encode_cached(self, pixel_values: torch.Tensor, grids: tuple) -> torch.Tensor:
-        """encode_images through the cache: hits are looked up, misses encoded together in one call."""
+    def _encode_unique(self, pixel_values: torch.Tensor, grids: tuple, keys: Sequence[bytes | None] | None = None,
+                       pixel_values_videos: torch.Tensor | None = None, video_grids: tuple = (),
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images (and videos) through the vision tower, each distinct image once: images with equal content
+        keys (``keys``, None where unknown; with the image cache on, missing keys are computed and hits are looked
+        up) share one encoding. The images to encode and the videos go in one call. Returns (image features
+        (n_image_tokens, D), video features or None)."""
         cache, mu = self.image_cache, self.cfg.vision.merge_unit
-        keys = cache.keys(pixel_values, grids)
+        keys = list(keys) if keys is not None else [None] * len(grids)
+        if cache is not None:
+            missing = [i for i, k in enumerate(keys) if k is None]
+            for i, k in zip(missing, cache.keys(pixel_values, grids, missing)):
+                keys[i] = k
         rows = [t * h * w for t, h, w in grids]
         starts = [0, *itertools.accumulate(rows)]
-        out = [cache.get(k) for k in keys]
-        todo: dict[bytes, int] = {}  # missing key -> first image carrying it (in-batch duplicates once)
+        out = [cache.get(k) for k in keys] if cache is not None else [None] * len(grids)
+        todo: dict = {}  # content key (or the index of an image without one) -> first image to encode
         for i, (k, hit) in enumerate(zip(keys, out)):
             if hit is None:
-                todo.setdefault(k, i)
-        cache.hits += len(keys) - sum(hit is None for hit in out)
-        cache.misses += len(todo)
-        if todo:
-            first = list(todo.values())
-            sel = torch.cat([torch.arange(starts[i], starts[i] + rows[i]) for i in first]).to(pixel_values.device)
-            enc = self._vision(pixel_values.index_select(0, sel), tuple(grids[i] for i in first))
-            fresh = dict(zip(todo, enc.split([rows[i] // mu for i in first])))
+                todo.setdefault(i if k is None else k, i)
+        if cache is not None:
+            cache.hits += sum(hit is not None for hit in out)
+            cache.misses += len(todo)
+        first = list(todo.values())
+        pieces, enc_grids = [], []
+        if first:
+            if len(first) == len(grids):
+                pieces.append(pixel_values)
+            else:
+                sel = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in first]).to(pixel_values.device)
+                pieces.append(pixel_values.index_select(0, sel))
+            enc_grids += [grids[i] for i in first]
+        if video_grids:
+            pieces.append(pixel_values_videos.to(pixel_values.dtype))
+            enc_grids += list(video_grids)
+        enc = None
+        if pieces:
+            enc = self._vision(torch.cat(pieces) if len(pieces) > 1 else pieces[0], tuple(enc_grids))
+        n_img = sum(rows[i] for i in first) // mu
+        fresh = dict(zip(todo, enc[:n_img].split([rows[i] // mu for i in first]))) if first else {}
+        if cache is not None:
             for k, v in fresh.items():
                 cache.put(k, v)
-            out = [fresh[k] if hit is None else hit for k, hit in zip(keys, out)]
-        return torch.cat(out)
+        out = [fresh[i if k is None else k] if hit is None else hit for i, (k, hit) in enumerate(zip(keys, out))]
+        return torch.cat(out), (enc[n_img:] if video_grids else None)
+
+    def _prefix_groups(self, batch: ModelInputs) -> PrefixGroups | None:
+        """Rows of ``batch`` sharing a prefix (``prefix.find_groups``), or None when fewer than two rows hold an
+        image or a row's mask has holes. One device read brings the ids and a few pixel values of each image;
+        images whose ids and values agree are then fingerprinted in full (a second read, only then)."""
+        lay = batch.layout
+        if sum(n > 0 for n in lay.images_per_row) < 2 or list(lay.n_real) != lay.lengths:
+            return None  # (a mask with holes inside a row: the rows run unshared)
+        pv, grids, ids = batch.pixel_values, lay.image_grids, batch.input_ids
+        idx = torch.from_numpy(probe_index(grids, pv.shape[1])).to(pv.device)  # (n_images, PROBES)
+        flat = np.array(torch.cat([ids.flatten().double(), pv.flatten()[idx.flatten()].double()]).tolist())
+        host_ids = flat[:ids.numel()].astype(np.int64).reshape(ids.shape)
+        probes = flat[ids.numel():].reshape(idx.shape)
+        fp = self.image_cache if self.image_cache is not None else self.caches.fingerprints
+        known = self.image_cache.keys(pv, grids) if self.image_cache is not None else None  # the cache needs them
+        return find_groups(host_ids, lay, self.cfg, probes, lambda which: fp.keys(pv, grids, which),
+                           known_keys=known)
 
     # ------------------------------------------------------------------ decoder: features and generation
     @torch.inference_mode()
@@ -258,7 +304,7 @@ class QwenBatchedVL(nn.Module):
                          video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
                          images=None, texts=None, videos=None, fps: float | list[float] | None = None,
                          rescale: bool | None = None, layers=None, final_norm: bool = True,
-                         max_batch_tokens: int | None = None) -> FeatureOutput:
+                         max_batch_tokens: int | None = None, share_prefix: bool = SHARE_PREFIX) -> FeatureOutput:
         """Decoder hidden states of a batch, in the reference's ``output_hidden_states`` convention.
 
         The batch: a ``ModelInputs`` (``model.processor.prepare(...)``), or its tensors as keywords (input_ids /
@@ -271,36 +317,50 @@ class QwenBatchedVL(nn.Module):
         deepest requested one are not run.
         max_batch_tokens: cap on rows x longest row per forward; a larger batch runs as sub-batches (results in
         the original order, identical to one pass). A sub-batch that runs out of device memory is halved and retried.
+        share_prefix: rows whose prompts begin with the same tokens and images (compared by content), up to the end
+        of an image block, are grouped wherever they sit in the batch: each distinct image is encoded once, each
+        shared prefix prefilled once and each row's remainder on top of it (``prefix.py``). The same results up to
+        rounding; rows that share nothing run as without it.
         """
         layers = resolve_layers(layers, self.cfg.text.num_hidden_layers)
         if not isinstance(final_norm, bool):
             raise TypeError(f"final_norm must be a bool, got {type(final_norm).__name__}")
+        check_flag(share_prefix, "share_prefix")
         budget = check_budget(max_batch_tokens)
         batch = self._door(inputs, dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                                         image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
                                         video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts),
                            images, texts, videos, fps, rescale)
         lay, L = batch.layout, batch.input_ids.shape[1]
+        groups = self._prefix_groups(batch) if share_prefix else None
+        order = groups.order() if groups is not None else list(range(batch.batch_size))
 
         def run(s: int, e: int):
-            sub = batch.select_rows(range(s, e))
-            lo, hi = lay.span(range(s, e))
-            x = self._embed(sub)
-            _, states = run_batch(self.model, x.embeds, x.position_ids, x.valid, rope=self.caches.rope(self.device),
-                                  backend=self.backend, lengths=list(sub.layout.n_real), depth=max(layers),
-                                  keep=layers, final_norm=final_norm)
+            rows, sub, sg = self._sub_batch(batch, groups, order[s:e])
+            lo, hi = lay.span(rows)
+            x = self._embed(sub, sg.image_keys if sg is not None else None)
+            kw = dict(rope=self.caches.rope(self.device), backend=self.backend, depth=max(layers), keep=layers,
+                      final_norm=final_norm)
+            if sg is not None and sg.any:
+                _, states = run_shared(self.model, x.embeds, x.position_ids, sg, sub.layout.first,
+                                       sub.layout.lengths, **kw)
+            else:
+                _, states = run_batch(self.model, x.embeds, x.position_ids, x.valid, lengths=list(sub.layout.n_real),
+                                      **kw)
             states = [F.pad(states[i], (0, 0, lo, L - hi)) for i in layers]
-            return states, x.vision_embeds, x.video_embeds
+            return rows, states, x.vision_embeds, x.video_embeds
 
-        parts = [r for _, r in run_ranges(plan_ranges(lay.lengths, budget), run, self._free_memory)]
-        hidden = tuple(torch.cat([p[0][j] for p in parts]) for j in range(len(layers)))
-        vis = [p[1] for p in parts if p[1] is not None]
-        vid = [p[2] for p in parts if p[2] is not None]
+        ranges = plan_ranges([lay.lengths[r] for r in order], budget)
+        parts = [r for _, r in run_ranges(ranges, run, self._free_memory)]
+        done = [r for p in parts for r in p[0]]  # batch rows in the order they ran
+        hidden = tuple(_in_batch_order(torch.cat([p[1][j] for p in parts]), done) for j in range(len(layers)))
+        mu = self.cfg.vision.merge_unit
+        vis = _items_in_batch_order([p[2] for p in parts], done, _tokens_per_row(lay.image_grids, lay.images_per_row, mu))
+        vid = _items_in_batch_order([p[3] for p in parts], done, _tokens_per_row(lay.video_grids, lay.videos_per_row, mu))
         ids = batch.input_ids
         return FeatureOutput(hidden_states=hidden, attention_mask=batch.attention_mask,
-                             image_mask=ids == self.cfg.image_token_id, vision_embeds=torch.cat(vis) if vis else None,
-                             layers=layers, video_mask=ids == self.cfg.video_token_id,
-                             video_embeds=torch.cat(vid) if vid else None)
+                             image_mask=ids == self.cfg.image_token_id, vision_embeds=vis, layers=layers,
+                             video_mask=ids == self.cfg.video_token_id, video_embeds=vid)
 
     def feature_step(self, batch_size: int, n_cameras: int, height: int, width: int, *, texts=None,
                      max_text_tokens: int = 32, layers=(-1,), compile: bool = False, cuda_graph: bool | None = None,
@@ -327,7 +387,8 @@ class QwenBatchedVL(nn.Module):
                  images=None, texts=None, videos=None, fps: float | list[float] | None = None,
                  rescale: bool | None = None, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, eos_token_id: int | list[int] | None = None, seed: int | list[int] | None = None,
-                 compile: bool = False, max_batch_tokens: int | None = None) -> GenerateOutput:
+                 compile: bool = False, max_batch_tokens: int | None = None,
+                 share_prefix: bool = SHARE_PREFIX) -> GenerateOutput:
         """Generate for a whole batch: one prefill, then fixed-shape decode steps over a static KV cache.
 
         Inputs as for ``extract_features``. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off.
@@ -337,9 +398,11 @@ class QwenBatchedVL(nn.Module):
         never stops. A row stops after its EOS (later slots hold the pad id); the loop ends when all rows have
         stopped. compile=True runs the decode step through torch.compile (CUDA graphs on GPU; falls back to eager
         if compilation fails). max_batch_tokens caps rows x (longest prompt + max_new_tokens) per sub-batch, as in
-        ``extract_features``.
+        ``extract_features``. share_prefix as in ``extract_features``: shared prefixes are prefilled once, each
+        row's remainder on top, then decoding as usual (the same tokens).
         """
         check_generate_args(max_new_tokens, temperature, top_k, top_p, seed, compile)
+        check_flag(share_prefix, "share_prefix")
         eos_ids = resolve_eos(eos_token_id, self.cfg)
         budget = check_budget(max_batch_tokens)
         batch = self._door(inputs, dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
@@ -351,20 +414,31 @@ class QwenBatchedVL(nn.Module):
         seeds = torch.tensor(row_seeds(seed, batch.batch_size), dtype=torch.int64, device=self.device)
         if self.tp is not None and seed is None:  # the drawn base seed may differ by rank: take the first rank's
             seeds = self.tp.from_first(seeds)
+        groups = self._prefix_groups(batch) if share_prefix else None
+        order = groups.order() if groups is not None else list(range(batch.batch_size))
 
         def run(s: int, e: int):
-            sub = batch.select_rows(range(s, e))
-            x = self._embed(sub)
-            return generate_tokens(
+            rows, sub, sg = self._sub_batch(batch, groups, order[s:e])
+            x = self._embed(sub, sg.image_keys if sg is not None else None)
+            prefill = None
+            if sg is not None and sg.any:
+                def prefill(cache):
+                    return run_shared(self.model, x.embeds, x.position_ids, sg, sub.layout.first, sub.layout.lengths,
+                                      rope=self.caches.rope(self.device), backend=self.backend, cache=cache)[0]
+            row_seed = seeds[rows[0]:rows[-1] + 1] if rows == list(range(rows[0], rows[-1] + 1)) else \
+                seeds[torch.tensor(rows, device=seeds.device)]
+            seqs, n_new = generate_tokens(
                 self, x.embeds, x.position_ids, x.valid, lengths=list(sub.layout.n_real),
                 max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
-                eos_ids=eos_ids, pad_id=self.cfg.pad_token_id, seeds=seeds[s:e], compile=compile,
-                sync_every=4 if self.device.type == "cuda" else 1)
+                eos_ids=eos_ids, pad_id=self.cfg.pad_token_id, seeds=row_seed, compile=compile,
+                sync_every=4 if self.device.type == "cuda" else 1, prefill=prefill)
+            return rows, seqs, n_new
 
-        ranges = plan_ranges(lay.lengths, budget, extra=max_new_tokens)
+        ranges = plan_ranges([lay.lengths[r] for r in order], budget, extra=max_new_tokens)
         parts = [r for _, r in run_ranges(ranges, run, self._free_memory)]
-        seqs = torch.cat([p[0] for p in parts])
-        lengths = torch.cat([p[1] for p in parts])
+        done = [r for p in parts for r in p[0]]
+        seqs = _in_batch_order(torch.cat([p[1] for p in parts]), done)
+        lengths = _in_batch_order(torch.cat([p[2] for p in parts]), done)
         tokenizer = getattr(self.processor, "tokenizer", None) if self.processor is not None else None
         texts_out = None
         if tokenizer is not None:
@@ -411,31 +485,39 @@ class QwenBatchedVL(nn.Module):
             self.tp.check_same_inputs(inputs.input_ids, 0 if inputs.pixel_values is None else inputs.pixel_values.shape[0])
         return inputs
 
-    def _encode_vision(self, rows: ModelInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    @staticmethod
+    def _sub_batch(batch: ModelInputs, groups: PrefixGroups | None, rows: list[int]):
+        """(batch rows in run order, their ModelInputs, their prefix groups or None) for the rows ``rows``."""
+        if groups is None:
+            return rows, batch.select_rows(rows), None
+        local, sub_groups = groups.restrict(rows)
+        return local, batch.select_rows(local), sub_groups
+
+    def _encode_vision(self, rows: ModelInputs, keys: Sequence[bytes | None] | None = None,
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Merged features of the images and of the videos of ``rows`` (each (n_tokens, D) or None). Images and
-        videos go through the vision tower in one call (with the image cache on, images go through the cache)."""
+        videos go through the vision tower in one call; with content ``keys`` of the images, or the image cache
+        on, each distinct image is encoded once (``_encode_unique``)."""
         lay = rows.layout
         grids, vgrids = lay.image_grids, lay.video_grids
+        if grids and (self.image_cache is not None or (keys is not None and any(k is not None for k in keys))):
+            return self._encode_unique(rows.pixel_values, grids, keys, rows.pixel_values_videos, vgrids)
         if not vgrids:
             if not grids:
                 return None, None
-            if self.image_cache is not None:
-                return self._encode_cached(rows.pixel_values, grids), None
             return self._vision(rows.pixel_values, grids), None
         if not grids:
             return None, self._vision(rows.pixel_values_videos, vgrids)
-        if self.image_cache is not None:
-            return self._encode_cached(rows.pixel_values, grids), self._vision(rows.pixel_values_videos, vgrids)
         pv = torch.cat([rows.pixel_values, rows.pixel_values_videos.to(rows.pixel_values.dtype)])
         both = self._vision(pv, grids + vgrids)
         n_img = rows.pixel_values.shape[0] // self.cfg.vision.merge_unit
         return both[:n_img], both[n_img:]
 
-    def _embed(self, rows: ModelInputs) -> Embedded:
+    def _embed(self, rows: ModelInputs, keys: Sequence[bytes | None] | None = None) -> Embedded:
         """Token embeddings with the encoded images and videos scattered in, and 3-D positions."""
         ids, mask = rows.input_ids, rows.attention_mask
         embeds = self.model.embed_tokens(ids)  # (B, L, D)
-        vision, video = self._encode_vision(rows)
+        vision, video = self._encode_vision(rows, keys)
         if vision is not None:
             vision = vision.to(embeds.dtype)  # (n_image_tokens, D)
             embeds = embeds.masked_scatter((ids == self.cfg.image_token_id)[..., None], vision)
@@ -456,6 +538,34 @@ class QwenBatchedVL(nn.Module):
                                "retry alone; pass a smaller max_batch_tokens")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _in_batch_order(x: torch.Tensor, done: list[int]) -> torch.Tensor:
+    """x (B, ...) whose i-th entry is batch row done[i] -> batch order."""
+    if done == list(range(len(done))):
+        return x
+    inv = torch.empty(len(done), dtype=torch.long)
+    inv[torch.tensor(done)] = torch.arange(len(done))
+    return x.index_select(0, inv.to(x.device))
+
+
+def _tokens_per_row(grids: tuple, per_row: tuple[int, ...], merge_unit: int) -> list[int]:
+    starts = [0, *itertools.accumulate(per_row)]
+    n = [t * h * w // merge_unit for t, h, w in grids]
+    return [sum(n[starts[r]:starts[r + 1]]) for r in range(len(per_row))]
+
+
+def _items_in_batch_order(parts: list[torch.Tensor | None], done: list[int], per_row: list[int]) -> torch.Tensor | None:
+    """Vision tokens of sub-batches (rows in ``done`` order, per_row[r] tokens for batch row r) -> batch order."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    x = torch.cat(parts)
+    if done == list(range(len(done))):
+        return x
+    at = dict(zip(done, itertools.accumulate([0] + [per_row[r] for r in done])))
+    idx = np.concatenate([np.arange(at[r], at[r] + per_row[r]) for r in range(len(done))])
+    return x.index_select(0, torch.from_numpy(idx).to(x.device))
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 * vision geometry per (grids, device, backend): window order, rotary tables, segment plans (LRU);
 * the decoder's M-RoPE tables per device (fp32, never cast with the model);
-* the compiled decode step and its static KV cache (one, for the last (batch, length, dtype, device)).
+* the compiled decode step and its static KV cache (one, for the last (batch, length, dtype, device));
+* the image fingerprinter (content keys of images, to find rows sharing an image without an image cache).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from .config import ModelConfig
 from .geometry import VisionGeometry, build_geometry
+from .image_cache import ImageFingerprints
 from .rope import inv_freq, section_index
 
 
@@ -22,6 +24,7 @@ class ModelCaches:
         self._geometry: OrderedDict = OrderedDict()
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.decode = None  # (key, StaticDecoder, compiled step): see generation.decode_step
+        self.fingerprints = ImageFingerprints(model_token="")
 
     def geometry(self, grids: tuple[tuple[int, int, int], ...], device: torch.device, backend: str) -> VisionGeometry:
         """The vision geometry of a grid list (host tuples), built once and kept while it is in use."""

@@ -10,7 +10,7 @@ row's last prompt token + 1 + j (the same as ``rope_deltas`` + n_prompt + j when
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -43,6 +43,104 @@ class KVCache:
             self.v[idx][rows, :, cols] = v
 
         return sink
+
+    def scatter_sink(self, src: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+        """A ``run_batch`` sink writing real token ``src[i]`` (index in (batch, seq) order) to cache slot
+        (rows[i], cols[i]): one token may fill several rows (a prefix shared by them). All (N,) long."""
+
+        def sink(idx: int, k: torch.Tensor, v: torch.Tensor) -> None:  # k, v: (T, Hkv, hd)
+            self.k[idx][rows, :, cols] = k[src]
+            self.v[idx][rows, :, cols] = v[src]
+
+        return sink
+
+
+class CachedPrefillAttention:
+    """New tokens of a row attend to the row's cached tokens and to its new tokens up to themselves.
+
+    Each layer first writes the new real tokens' k/v at their compact cache slots, then runs SDPA with
+    q = the new tokens (R, T) and k/v = the rows' cache up to ``kv_len``. mask (R, 1, T, kv_len) bool.
+    """
+
+    def __init__(self, cache: KVCache, rows, write_rows, write_cols, tok, mask, kv_len: int):
+        self.cache, self.rows, self.kv_len = cache, rows, kv_len
+        self.write_rows, self.write_cols, self.tok, self.mask = write_rows, write_cols, tok, mask
+
+    def __call__(self, idx, q, k, v):  # q (R, T, H, hd), k/v (R, T, Hkv, hd)
+        kc, vc = self.cache.k[idx], self.cache.v[idx]
+        kc[self.write_rows, :, self.write_cols] = k.flatten(0, 1)[self.tok]
+        vc[self.write_rows, :, self.write_cols] = v.flatten(0, 1)[self.tok]
+        keys = kc[self.rows, :, :self.kv_len]  # (R, Hkv, S, hd)
+        values = vc[self.rows, :, :self.kv_len]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self.mask,
+                                           enable_gqa=q.shape[-2] != keys.shape[1])  # (R, H, T, hd)
+        return o.transpose(1, 2).flatten(-2)
+
+
+def prefill_on_cache(text: TextModel, cache: KVCache, h: torch.Tensor, position_ids: torch.Tensor,
+                     valid: torch.Tensor, *, rows: torch.Tensor | range, cached: torch.Tensor,
+                     rope: tuple[torch.Tensor, torch.Tensor], kv_len: int | None = None, depth: int | None = None,
+                     keep: Iterable[int] = (), final_norm: bool = True,
+                     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Prefill new tokens on top of what ``cache`` already holds for their rows, appending them to it.
+
+    The building block for prompts sharing a prefix (the prefix prefilled once, each row's suffix on top:
+    ``prefix.run_shared``), and for what needs a prompt continued on a live cache: the next turn of a chat
+    (on top of the conversation so far, generated tokens included) and continuous batching (a finished row's
+    slot refilled with ``cached`` = 0, a fresh prompt, while the other rows keep decoding).
+
+    h: (R, T, D) embeddings of the new tokens (any padding side); position_ids: (3, R, T) their M-RoPE positions,
+    continuing the cached ones (``rope_index(new_ids, mask, ..., start=next)`` with ``next`` the 1-D position after
+    the cached tokens: the last one's + 1 when it is text, last prompt position + 1 + n after n decoded tokens);
+    valid: (R, T) bool, real new tokens.
+    rows: the cache row of each new row, a (R,) long tensor or a ``range`` (contiguous rows: the cache is read as
+    a view). cached: (R,) long, tokens each row holds at [0, cached); its new real tokens go to
+    [cached, cached + n) (the compact layout ``generate`` decodes from: write the first new token at cached + n).
+    kv_len: host bound on cached + n over the rows (the keys read per layer; default the cache length).
+    depth / keep / final_norm as ``TextModel.forward``; the cache must hold at least ``depth`` layers.
+    Returns (last (R, D): the state at each row's last new token, {index: (R, T, D) states, zero at pads}).
+    """
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+    for name, x, dim in (("h", h, 3), ("position_ids", position_ids, 3), ("valid", valid, 2), ("cached", cached, 1)):
+        if not isinstance(x, torch.Tensor) or x.dim() != dim:
+            raise ValueError(f"{name} must be a {dim}-D tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    R, T, _ = h.shape
+    if valid.dtype != torch.bool or tuple(valid.shape) != (R, T):
+        raise ValueError(f"valid must be a ({R}, {T}) bool tensor, got {tuple(valid.shape)} {valid.dtype}")
+    if tuple(position_ids.shape) != (3, R, T):
+        raise ValueError(f"position_ids must have shape (3, {R}, {T}), got {tuple(position_ids.shape)}")
+    if cached.shape[0] != R or cached.dtype.is_floating_point:
+        raise ValueError(f"cached must be ({R},) integer tokens held per row, got {tuple(cached.shape)} {cached.dtype}")
+    n_rows = cache.k[0].shape[0]
+    if isinstance(rows, range):
+        if len(rows) != R or rows.step != 1 or rows.start < 0 or rows.stop > n_rows:
+            raise ValueError(f"rows must be a step-1 range of {R} cache rows within 0..{n_rows - 1}, got {rows}")
+        sel, row_idx = slice(rows.start, rows.stop), torch.arange(rows.start, rows.stop, device=h.device)
+    elif isinstance(rows, torch.Tensor) and rows.dim() == 1 and rows.shape[0] == R and not rows.dtype.is_floating_point:
+        sel = row_idx = rows.long()
+    else:
+        raise ValueError(f"rows must be a ({R},) long tensor of cache rows or a range, got {rows!r:.80}")
+    kv_len = cache.length if kv_len is None else kv_len
+    if isinstance(kv_len, bool) or not isinstance(kv_len, int) or not 1 <= kv_len <= cache.length:
+        raise ValueError(f"kv_len must be an int in 1..{cache.length} (the cache length), got {kv_len!r}")
+    n_layers = len(text.layers) if depth is None else depth
+    if n_layers > len(cache.k):
+        raise ValueError(f"the cache holds {len(cache.k)} layers but {n_layers} are run (depth)")
+
+    dev = h.device
+    cached = cached.to(dev).long()
+    qcol = torch.where(valid, cached[:, None] + valid.long().cumsum(1) - 1, 0)  # (R, T) compact slot (pad: 0)
+    mask = (torch.arange(kv_len, device=dev) <= qcol[..., None])[:, None]  # (R, 1, T, S): causal over the row
+    tok = valid.flatten().nonzero().squeeze(1)  # (N,) the real new tokens, once per call
+    write_rows = row_idx[:, None].expand(R, T).flatten()[tok]
+    write_cols = qcol.flatten()[tok]
+    attn = CachedPrefillAttention(cache, sel, write_rows, write_cols, tok, mask, kv_len)
+    cos, sin = mrope_cos_sin(position_ids, *rope, h.dtype)  # (R, T, hd)
+    out, states = text(h, cos, sin, attn, depth=depth, keep=keep, final_norm=final_norm)
+    pad = ~valid[..., None]
+    return out[torch.arange(R, device=dev), last_index(valid)], {i: x.masked_fill(pad, 0) for i, x in states.items()}
 
 
 class DecodeAttention:
@@ -153,9 +251,12 @@ def _decode_fns(model, batch: int, length: int, compile: bool):
 def generate_tokens(model, embeds: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor, *,
                     lengths: list[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                     eos_ids: Sequence[int], pad_id: int, seeds: torch.Tensor, compile: bool = False,
-                    sync_every: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                    sync_every: int = 1, prefill: Callable[[KVCache], torch.Tensor] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill then decode. embeds (B, L, D), position_ids (3, B, L), valid (B, L) bool, lengths: real tokens
-    per row (host), seeds (B,) int64 per-row sampling seeds.
+    per row (host), seeds (B,) int64 per-row sampling seeds. ``prefill(cache)``, if given, replaces the one
+    padded prefill: it fills each row's n_b prompt tokens into cache slots [0, n_b) and returns the state at each
+    row's last prompt token (B, D) (e.g. ``prefix.run_shared``).
 
     Returns sequences (B, max_new_tokens) (pad after a stop) and lengths (B,) (EOS included).
     """
@@ -166,8 +267,11 @@ def generate_tokens(model, embeds: torch.Tensor, position_ids: torch.Tensor, val
         S = -(-S // 256) * 256
     dec, step_fn = _decode_fns(model, B, S, compile)
     cache = dec.cache
-    last_h, _ = run_batch(model.model, embeds, position_ids, valid, rope=model.caches.rope(dev),
-                          backend=model.backend, lengths=lengths, sink=cache.prompt_sink(valid))
+    if prefill is None:
+        last_h, _ = run_batch(model.model, embeds, position_ids, valid, rope=model.caches.rope(dev),
+                              backend=model.backend, lengths=lengths, sink=cache.prompt_sink(valid))
+    else:
+        last_h = prefill(cache)
     logits = model.lm_head(last_h).float()  # (B, V)
 
     rows = torch.arange(B, device=dev)

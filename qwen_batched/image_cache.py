@@ -1,4 +1,4 @@
-"""Per-image vision-embedding cache, LRU by bytes.
+"""Image content fingerprints, and the per-image vision-embedding cache (LRU by bytes) keyed by them.
 
 Keys hash each image's pixel rows together with its grid, the model's identity and dtype. On the CPU the hash is
 SHA-1 over the bytes (the fastest of hashlib's here; keys, not signatures). On an accelerator the rows are hashed on the device with exact integer arithmetic
@@ -10,6 +10,7 @@ element always changes the key.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import OrderedDict
 
 import torch
@@ -19,41 +20,35 @@ _POS_MUL = torch.tensor([-7046029254386353131, 1442695040888963407], dtype=torch
 _POS_ADD = torch.tensor([-4658895280553007687, 6364136223846793005], dtype=torch.int64)
 
 
-class ImageEmbeddingCache:
-    def __init__(self, max_bytes: int, model_token: str):
-        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes <= 0:
-            raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
-        self.max_bytes = max_bytes
+class ImageFingerprints:
+    """Content keys of images: equal keys <=> same pixels (bit for bit), same grid, same model and dtype."""
+
+    def __init__(self, model_token: str):
         self.model_token = model_token
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self._store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self._proj: dict[tuple, torch.Tensor] = {}  # (device, patch_dim) -> (patch_dim, 2) odd int64 multipliers
 
-    def __len__(self) -> int:
-        return len(self._store)
-
-    def clear(self) -> None:
-        self._store.clear()
-        self.bytes = 0
-
-    # ------------------------------------------------------------------ keys
-    def keys(self, pixel_values: torch.Tensor, grids: tuple[tuple[int, int, int], ...]) -> list[bytes]:
-        """One key per image. pixel_values: (sum t*h*w, patch_dim)."""
+    def keys(self, pixel_values: torch.Tensor, grids: tuple[tuple[int, int, int], ...],
+             which: list[int] | None = None) -> list[bytes]:
+        """One key per image (or per image of ``which``, in that order). pixel_values: (sum t*h*w, patch_dim)."""
         sizes = [t * h * w for t, h, w in grids]
+        starts = [0, *itertools.accumulate(sizes)]
+        which = range(len(grids)) if which is None else which
+        if not which:
+            return []
         prefix = f"{self.model_token}|{pixel_values.dtype}|".encode()
         if pixel_values.device.type == "cpu":
             rows = pixel_values.contiguous()
-            out, start = [], 0
-            for grid, n in zip(grids, sizes):
-                h = hashlib.sha1(prefix + repr(grid).encode(), usedforsecurity=False)  # a key, not a signature
-                h.update(rows[start:start + n].view(torch.uint8).numpy().tobytes())
+            out = []
+            for i in which:
+                h = hashlib.sha1(prefix + repr(grids[i]).encode(), usedforsecurity=False)  # a key, not a signature
+                h.update(memoryview(rows[starts[i]:starts[i + 1]].view(torch.uint8).numpy()))  # no copy
                 out.append(h.digest())
-                start += n
             return out
-        fp = self._device_fingerprints(pixel_values, sizes).cpu()  # (n_images, 2) int64, one transfer
-        return [prefix + repr(g).encode() + f.numpy().tobytes() for g, f in zip(grids, fp)]
+        if len(which) != len(grids):
+            sel = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in which]).to(pixel_values.device)
+            pixel_values = pixel_values.index_select(0, sel)
+        fp = self._device_fingerprints(pixel_values, [sizes[i] for i in which]).cpu()  # (n, 2) int64, one transfer
+        return [prefix + repr(grids[i]).encode() + f.numpy().tobytes() for i, f in zip(which, fp)]
 
     def _device_fingerprints(self, pv: torch.Tensor, sizes: list[int], chunk: int = 4096) -> torch.Tensor:
         """(n_images, 2) int64 fingerprints of the row blocks of ``pv`` (N, patch_dim), computed on its device."""
@@ -76,7 +71,27 @@ class ImageEmbeddingCache:
             fp.index_add_(0, img[r:r + chunk], rows * pos[r:r + chunk])
         return fp
 
-    # ------------------------------------------------------------------ LRU
+
+class ImageEmbeddingCache(ImageFingerprints):
+    """Merged vision features per image key, least recently used evicted first beyond ``max_bytes``."""
+
+    def __init__(self, max_bytes: int, model_token: str):
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes <= 0:
+            raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
+        super().__init__(model_token)
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def clear(self) -> None:
+        self._store.clear()
+        self.bytes = 0
+
     def get(self, key: bytes) -> torch.Tensor | None:
         val = self._store.get(key)
         if val is not None:
@@ -87,6 +102,8 @@ class ImageEmbeddingCache:
         size = value.numel() * value.element_size()
         if size > self.max_bytes:
             return  # larger than the whole budget: never cached
+        if value.untyped_storage().nbytes() > size:  # a view of a larger batch output: keep only its own bytes
+            value = value.clone()
         old = self._store.pop(key, None)
         if old is not None:
             self.bytes -= old.numel() * old.element_size()

@@ -76,12 +76,15 @@ def rope_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = No
                image_grid_thw: torch.Tensor | None = None, *, image_token_id: int, spatial_merge_size: int = 2,
                video_grid_thw: torch.Tensor | None = None, video_token_id: int | None = None,
                second_per_grid_ts: torch.Tensor | None = None, tokens_per_second: float = 2.0,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """3-D M-RoPE positions of a batch.
 
     input_ids, attention_mask: (B, L). image_grid_thw / video_grid_thw: (n, 3) patch grids, items in
     (batch, sequence) order; their token counts must match the ids (the caller validates).
-    Returns position_ids (3, B, L) long and rope_deltas (B, 1) long.
+    start: (B,) long, the 1-D position each row starts from (default 0): tokens continuing a cached prompt
+    (see ``generation.prefill_on_cache``). Every axis shifts by it, as the reference's running counter does.
+    Returns position_ids (3, B, L) long and rope_deltas (B, 1) long (max position + 1 - real tokens, so the
+    position after a row's tokens is n + rope_deltas, ``start`` included).
     """
     B, L = input_ids.shape
     dev = input_ids.device
@@ -103,7 +106,9 @@ def rope_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = No
                                                spatial_merge_size)
         width = torch.where(is_tok, wd, width)
         off += torch.stack((ot, oh, ow))
-    start = width.cumsum(1) - width  # (B, L) exclusive cumsum: 1-D position of each text token / item start
-    pos = (start.unsqueeze(0) + off).masked_fill(~valid, 0)  # (3, B, L)
+    first = width.cumsum(1) - width  # (B, L) exclusive cumsum: 1-D position of each text token / item start
+    if start is not None:
+        first = first + torch.as_tensor(start, device=dev).long().view(B, 1)
+    pos = (first.unsqueeze(0) + off).masked_fill(~valid, 0)  # (3, B, L)
     deltas = pos.amax(dim=(0, 2)) + 1 - valid.sum(1)
     return pos, deltas.unsqueeze(1)

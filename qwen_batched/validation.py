@@ -91,6 +91,12 @@ def row_seeds(seed, batch: int) -> list[int]:
     return [(base * 0x9E3779B1 + b) & (2**63 - 1) for b in range(batch)]
 
 
+def check_flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_budget(max_batch_tokens) -> int | None:
     if max_batch_tokens is None:
         return None

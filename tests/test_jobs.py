@@ -226,6 +226,57 @@ def test_plan_batches_limits_and_padding():
     assert jrun.plan_batches([0, 1], [10, 10_000], batch_size=4, max_batch_tokens=100) == [[1], [0]]
 
 
+def test_plan_batches_keeps_units_together():
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(50, 3000, (60,), generator=g).tolist()
+    order = list(range(60))
+    unit = [i % 12 for i in order]  # 12 images, 5 questions each, spread over the input
+    batches = jrun.plan_batches(order, tokens, batch_size=5, window=20, unit=unit)
+    assert sorted(i for b in batches for i in b) == order
+    # each image's questions fill one batch of 5, longest first; in a window (4 units), the longest unit first
+    assert len(batches) == 12 and all(len({unit[i] for i in b}) == 1 for b in batches)
+    assert all(b == sorted(b, key=lambda i: (-tokens[i], i)) for b in batches)
+    for w in range(0, 12, 4):
+        heads = [tokens[b[0]] for b in batches[w:w + 4]]
+        assert heads == sorted(heads, reverse=True)
+    # a batch size that does not divide the units: units stay contiguous, a window ends at a unit's end
+    batches = jrun.plan_batches(order, tokens, batch_size=4, window=7, unit=unit)
+    flat = [i for b in batches for i in b]
+    for u in range(12):
+        pos = sorted(flat.index(i) for i in order if unit[i] == u)
+        assert pos == list(range(pos[0], pos[0] + 5))
+    # identity units: the plan without units
+    assert jrun.plan_batches(order, tokens, batch_size=8, window=20, unit=order) == \
+        jrun.plan_batches(order, tokens, batch_size=8, window=20)
+
+
+def test_make_plan_keeps_an_image_set_on_one_rank():
+    items = [jio.Item(i, f"id:{i}", "d", i, [f"/img/{i % 5}.png"] if i % 7 else [], f"q{i}") for i in range(40)]
+    est = lambda it: (100 + 10 * (it.index % 3), 0)  # noqa: E731
+
+    class TwoRanks:
+        world, replicas, enabled = 2, 2, True
+
+        def __init__(self, rank):
+            self.rank = self.replica = rank
+
+        def all_gather(self, obj):
+            return [obj, {i: est(items[i])[0] for i in range(len(items))}]
+
+    together = lambda it: tuple(it.images) or None  # noqa: E731
+    plans = [jrun.make_plan(items, list(range(40)), est, TwoRanks(r), batch_size=4, max_batch_tokens=None,
+                            window=64, extra_tokens=8, threads=1, together=together) for r in (0, 1)]
+    mine = [set(p[0]) for p in plans]
+    assert mine[0] | mine[1] == set(range(40)) and not mine[0] & mine[1]
+    for img in range(5):
+        on = {r for r in (0, 1) for i in mine[r] if items[i].images == [f"/img/{img}.png"]}
+        assert len(on) == 1, f"image {img} on ranks {on}"
+    assert abs(len(mine[0]) - len(mine[1])) <= 10  # still balanced by cost
+    for r in (0, 1):
+        batches = plans[r][1]
+        assert sorted(i for b in batches for i in b) == sorted(mine[r])
+
+
 def test_token_estimate_from_headers(tmp_path):
     make_images(str(tmp_path), [(300, 200)])
     est = jrun.TokenEstimator(None, tiny_config())
@@ -699,6 +750,34 @@ def test_sampled_answers_do_not_depend_on_batching_or_resume(tmp_path, tiny):
     assert greedy != [r["text"] for r in read_jsonl(tmp_path / "greedy.jsonl")]
     other = answers("seed12.jsonl", "--batch-size", 6, "--seed", 12)
     assert other != ref
+
+
+def test_shared_prefixes_same_answers_each_image_encoded_once(tmp_path, tiny):
+    """Three questions per image, spread over the file and over batches of 4: with --share-prefix each image goes
+    through the vision tower once (later batches take it from the image cache), the answers do not change."""
+    folder = tmp_path / "images"
+    names = make_images(str(folder), [(84, 56), (56, 56), (112, 84), (56, 84)])
+    rows = [{"question_id": f"q{i}", "image": names[i % 4], "text": f"Question {i}: is there a dog?"}
+            for i in range(12)]
+    rows.insert(5, {"question_id": "multi", "image": [names[0], names[1]], "text": "Compare them."})
+    write_questions(tmp_path / "q.jsonl", rows)
+    q = str(tmp_path / "q.jsonl")
+    calls = []
+    orig = tiny.visual.forward
+    tiny.visual.forward = lambda pv, *a, **kw: calls.append(pv.shape[0]) or orig(pv, *a, **kw)
+    try:
+        jobs.main(_answer_argv(q, str(folder), tmp_path / "off.jsonl", "--batch-size", 4, "--no-share-prefix"),
+                  model=tiny)
+        off_rows = sum(calls)
+        calls.clear()
+        jobs.main(_answer_argv(q, str(folder), tmp_path / "on.jsonl", "--batch-size", 4), model=tiny)
+    finally:
+        del tiny.visual.forward
+    assert tiny.image_cache is None  # the job's cache is gone with the job
+    assert strip_ids(read_jsonl(tmp_path / "on.jsonl")) == strip_ids(read_jsonl(tmp_path / "off.jsonl"))
+    px = [(h // 28 * 2) * (w // 28 * 2) for w, h in [(84, 56), (56, 56), (112, 84), (56, 84)]]  # patch rows
+    assert sum(calls) == sum(px)  # each distinct image once
+    assert off_rows == 3 * sum(px) + px[0] + px[1]
 
 
 def test_answer_with_a_hub_id_offline(tmp_path, hub_tiny, monkeypatch):

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from qwen_batched import QwenBatchedVL
+from qwen_batched import ModelInputs, QwenBatchedVL
 from qwen_batched.tp import check_tp_size, split_images
 from tests.helpers import build_batch, hf_config_dict, make_hf_model, tiny_model_config
 
@@ -105,6 +105,12 @@ def test_generation_matches_one_process(run, single):
         assert torch.equal(out["greedy"], greedy)
         assert torch.equal(out["sampled"], sampled)
     assert torch.equal(ranks[0]["unseeded"], ranks[1]["unseeded"])  # no seed: the first rank's draw
+    from tests.tp_worker import SHARED_ROWS
+    shared = single.validate(ModelInputs(**inputs_of(batch))).select_rows(SHARED_ROWS)
+    hidden = single.extract_features(shared, layers=[-1], share_prefix=False).hidden_states[0]
+    for out in ranks:  # shared prefixes under tensor parallelism: the tokens of the rows alone
+        assert torch.equal(out["shared"], greedy[SHARED_ROWS])
+        rel_close(out["shared_hidden"], hidden)
     config_model = QwenBatchedVL.from_config("tiny", seed=3)
     ref = config_model.generate(**inputs_of(batch), max_new_tokens=4, eos_token_id=[]).sequences
     assert all(torch.equal(out["config_logits"], ref) for out in ranks)

@@ -10,10 +10,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-from qwen_batched import QwenBatchedVL, jobs
+from qwen_batched import ModelInputs, QwenBatchedVL, jobs
 from qwen_batched.config import tiny_config
 
 
+SHARED_ROWS = [1, 2, 1, 0, 1, 2]
 JOB_FLAGS = ("--max-new-tokens", "8", "--no-progress", "--batch-size", "2", "--temperature", "1.0", "--seed", "3",
              "--workers", "0")
 
@@ -51,6 +52,9 @@ def main(work: str) -> None:
     torch.manual_seed(rank)  # no seed: the ranks must still agree
     out["unseeded"] = model.generate(**inputs, max_new_tokens=6, eos_token_id=[], temperature=1.0).sequences
     out["budget"] = model.extract_features(**inputs, layers=[2, -1], max_batch_tokens=64).hidden_states
+    repeated = model.validate(ModelInputs(**inputs)).select_rows(SHARED_ROWS)  # rows sharing their image blocks
+    out["shared"] = model.generate(repeated, max_new_tokens=6, eos_token_id=[], share_prefix=True).sequences
+    out["shared_hidden"] = model.extract_features(repeated, layers=[-1], share_prefix=True).hidden_states[0]
     model.enable_image_cache()
     model.extract_features(**inputs, layers=[1])
     out["cached"] = model.extract_features(**inputs, layers=[-1]).hidden_states[0]

@@ -44,6 +44,9 @@ class AnswerJob(Job):
         self.extra_tokens = args.max_new_tokens
         self.elsewhere = "a new answers file (--answers NEW.jsonl, and a new --shard-dir if you set one)"
         self.sampling = args.temperature > 0
+        if args.share_prefix:  # the questions about one image set: one rank, the same or neighbouring batches
+            self.together = lambda item: tuple(item.images) or None
+            self.image_cache_bytes = args.image_cache_mb << 20
 
     def read_items(self):
         a = self.args
@@ -86,7 +89,7 @@ class AnswerJob(Job):
         seeds = [item_seed(a.seed, self.items[p].key) for p in positions] if self.sampling else None
         out = self.model.generate(inputs.to(self.device, non_blocking=True), max_new_tokens=a.max_new_tokens,
                                   temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, eos_token_id=eos,
-                                  seed=seeds, max_batch_tokens=a.max_batch_tokens)
+                                  seed=seeds, max_batch_tokens=a.max_batch_tokens, share_prefix=a.share_prefix)
         n_prompt = inputs.attention_mask.sum(-1).tolist()
         seqs, lengths = out.sequences.tolist(), out.lengths.tolist()
         results = []

@@ -95,6 +95,11 @@ output is rebuilt. Results of another model or other settings are never mixed in
     a.add_argument("--seed", type=int, default=0,
                    help="sampling seed; each question samples from its own seed derived from this and its id (or "
                         "content), so its answer does not depend on batch size, ranks or resumes")
+    a.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=True,
+                   help="questions about the same images go to the same batches (and rank); each image is encoded "
+                        "once and each shared prompt prefix prefilled once per batch (the answers are the same)")
+    a.add_argument("--image-cache-mb", type=int, default=1024,
+                   help="with --share-prefix: MiB of image embeddings kept for the questions in later batches")
     _common_args(a, shard_size=64)
     a.set_defaults(func=run_answer)
 
@@ -134,6 +139,8 @@ def main(argv: Sequence[str] | None = None, model=None) -> int:
     args = build_parser().parse_args(_join_layers(list(sys.argv[1:] if argv is None else argv)))
     if args.prefetch is None:
         args.prefetch = max(2, args.workers + 1)
+    if getattr(args, "image_cache_mb", 0) < 0:
+        raise SystemExit(f"error: --image-cache-mb must be >= 0, got {args.image_cache_mb}")
     for name in ("batch_size", "shard_size", "min_pixels", "max_pixels", "max_batch_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:

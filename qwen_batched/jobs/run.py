@@ -260,22 +260,37 @@ def split_balanced(costs: Sequence[float], world: int) -> list[list[int]]:
 
 
 def plan_batches(order: Sequence[int], tokens: Sequence[int], *, batch_size: int, max_batch_tokens: int | None = None,
-                 window: int = 1024, extra_tokens: int = 0) -> list[list[int]]:
+                 window: int = 1024, extra_tokens: int = 0, unit: Sequence[int] | None = None) -> list[list[int]]:
     """Group positions into batches of similar length.
 
-    ``order`` is walked in windows of ``window`` items; inside a window items are sorted by estimated tokens
-    (longest first, so a memory problem shows up early) and cut into batches of at most ``batch_size`` items
-    whose padded size ``len(batch) * (max tokens + extra_tokens)`` stays within ``max_batch_tokens`` (an item
-    over the budget on its own forms a batch of one).
+    ``order`` is walked in windows of about ``window`` items; inside a window items are sorted by estimated
+    tokens (longest first, so a memory problem shows up early) and cut into batches of at most ``batch_size``
+    items whose padded size ``len(batch) * (max tokens + extra_tokens)`` stays within ``max_batch_tokens`` (an
+    item over the budget on its own forms a batch of one).
+    ``unit`` (position -> group id, e.g. the questions about one image set): a group's items stay together, in
+    one window and next to each other (groups sorted by their longest item, items by length inside), so they
+    share batches; a window ends only at the end of a group.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    batches: list[list[int]] = []
     order, window = list(order), max(1, int(window))
-    for s in range(0, len(order), window):
+    groups: dict[int, list[int]] = {}
+    for i in order:
+        groups.setdefault(i if unit is None else unit[i], []).append(i)
+    windows: list[list[list[int]]] = [[]]
+    n = 0
+    for g in groups.values():
+        if n >= window:
+            windows.append([])
+            n = 0
+        windows[-1].append(g)
+        n += len(g)
+    batches: list[list[int]] = []
+    for win in windows:
         cur: list[int] = []
         cur_max = 0
-        for i in sorted(order[s:s + window], key=lambda i: (-tokens[i], i)):
+        ranked = sorted((sorted(g, key=lambda i: (-tokens[i], i)) for g in win), key=lambda g: (-tokens[g[0]], g[0]))
+        for i in (i for g in ranked for i in g):
             t = tokens[i] + extra_tokens
             new_max = max(cur_max, t)
             if cur and (len(cur) >= batch_size or
@@ -291,10 +306,12 @@ def plan_batches(order: Sequence[int], tokens: Sequence[int], *, batch_size: int
 
 def make_plan(items: list[Item], pending: list[int], estimator: Callable[[Item], tuple[int, int]], dist: Dist, *,
               batch_size: int, max_batch_tokens: int | None, window: int, extra_tokens: int,
-              threads: int = 4) -> tuple[list[int], list[list[int]]]:
+              threads: int = 4, together: Callable[[Item], object] | None = None) -> tuple[list[int], list[list[int]]]:
     """(this rank's positions, its batches), the same split on every rank: header reads are shared out over the
     ranks (and threads) and all-gathered, then the pending items are split over the model replicas by estimated
-    tokens (the ranks of a tensor-parallel replica get the same share)."""
+    tokens (the ranks of a tensor-parallel replica get the same share).
+    ``together(item)``: a key (None: none); items with equal keys go to one replica and into neighbouring batches
+    (``plan_batches``' units), so that the questions about one image share its encoding and prefill."""
     share = pending[dist.rank::dist.world]
     if threads > 1 and len(share) > 64:
         with ThreadPoolExecutor(threads, thread_name_prefix="qwen-batched-estimate") as pool:
@@ -305,10 +322,21 @@ def make_plan(items: list[Item], pending: list[int], estimator: Callable[[Item],
     for part in dist.all_gather(dict(zip(share, est))):
         for i, t in part.items():
             tokens[int(i)] = int(t)
-    parts = split_balanced([tokens[i] + extra_tokens for i in pending], dist.replicas)
-    mine = [pending[j] for j in parts[dist.replica]]
+    unit = None
+    members: dict[object, list[int]] = {}
+    for i in pending:
+        key = together(items[i]) if together is not None else None
+        members.setdefault(("item", i) if key is None else ("key", key), []).append(i)
+    groups = list(members.values())  # in order of their first pending item
+    if together is not None:
+        unit = [0] * len(items)
+        for u, g in enumerate(groups):
+            for i in g:
+                unit[i] = u
+    parts = split_balanced([sum(tokens[i] + extra_tokens for i in g) for g in groups], dist.replicas)
+    mine = sorted(i for j in parts[dist.replica] for i in groups[j])
     return mine, plan_batches(mine, tokens, batch_size=batch_size, max_batch_tokens=max_batch_tokens, window=window,
-                              extra_tokens=extra_tokens)
+                              extra_tokens=extra_tokens, unit=unit)
 
 
 # ============================================================================================== batches
@@ -466,6 +494,8 @@ class Job:
     extra_tokens = 0
     out_dir = ""
     elsewhere = ""  # how to name another output, for the refusal message
+    together: Callable[[Item], object] | None = None  # items with equal keys: one rank, neighbouring batches
+    image_cache_bytes = 0  # > 0: the model keeps image embeddings for later batches (its image cache) meanwhile
 
     def __init__(self, args, model=None):
         self.args = args
@@ -550,7 +580,8 @@ class Job:
         estimator = TokenEstimator(processor, self.model.cfg, args.min_pixels, args.max_pixels)
         mine, batches = make_plan(self.items, pending, estimator, dist, batch_size=args.batch_size,
                                   max_batch_tokens=args.max_batch_tokens, window=args.sort_window,
-                                  extra_tokens=self.extra_tokens, threads=max(1, args.workers))
+                                  extra_tokens=self.extra_tokens, threads=max(1, args.workers),
+                                  together=self.together)
         log(dist, f"{self.kind}: {len(self.items)} inputs, {n_done} already done, {len(pending)} to do"
                   f"{f' on {dist.world} ranks' if dist.enabled else ''}"
                   f"{f' ({dist.replicas} replicas x tp_size {dist.tp_size})' if dist.tp_size > 1 else ''}; "
@@ -566,6 +597,9 @@ class Job:
         guard = FailureGuard(args.max_model_failures)
         n_err = 0
         t_loop = time.perf_counter()
+        kept_cache = getattr(self.model, "image_cache", None)
+        if self.image_cache_bytes > 0 and kept_cache is None and hasattr(self.model, "enable_image_cache"):
+            self.model.enable_image_cache(self.image_cache_bytes)  # for this run only (restored below)
         try:
             with torch.inference_mode():
                 for lb in prefetch(batches, loader, args.workers, args.prefetch):
@@ -585,6 +619,9 @@ class Job:
             except Exception:  # noqa: BLE001
                 pass
             raise
+        finally:
+            if hasattr(self.model, "image_cache"):
+                self.model.image_cache = kept_cache
         writer.close()
         progress.close()
         counted = dist.writes  # a replica's results count once
