@@ -2,6 +2,7 @@
 
   python example.py                                  # embedded default: random-weight tiny model, CPU
   python example.py --model /path/to/Qwen2.5-VL-3B-Instruct --device cuda --dtype bfloat16
+  python example.py --step                           # the real-time feature step (fixed cameras, one call per step)
 """
 from __future__ import annotations
 
@@ -34,6 +35,33 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def run_step(model, args) -> None:
+    """The real-time path: a fixed-shape feature step built once, then one call per control step."""
+    B, N, size = args.batch, args.cameras, args.size
+    instruction = "pick up the red cube"
+    compile = model.device.type == "cuda"  # one captured CUDA graph per step on a GPU; eager on CPU
+    step = model.feature_step(B, N, size, size, texts=instruction, compile=compile)
+    print(f"\nfeature step: {step}")
+    cams = [f"cam{c}" for c in range(N)]  # LeRobot style: one (B, 3, H, W) tensor per camera
+    frames = [synthetic_frames(B, N, size, model.device, step=s) for s in range(args.iters + 1)]
+    observation = [{c: f[:, i] for i, c in enumerate(cams)} for f in frames]
+    out = step(observation[0])  # warm-up (compiles and captures with compile=True)
+    h = out.hidden_states[0]
+    print(f"  hidden_states[0] {tuple(h.shape)} {h.dtype}, attention_mask {tuple(out.attention_mask.shape)}, "
+          f"image tokens per sample: {step.n_cameras * step.tokens_per_image}, "
+          f"last-token features {tuple(h[:, -1].shape)}")
+    times = []
+    for s in range(1, args.iters + 1):
+        sync(model.device)
+        t0 = time.perf_counter()
+        step(observation[s])
+        sync(model.device)
+        times.append(time.perf_counter() - t0)
+    med = sorted(times)[len(times) // 2]
+    print(f"  latency (median of {args.iters} steps, fresh frames each): {med * 1e3:.1f} ms per step, "
+          f"{1 / med:.1f} steps/s")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint directory or hub id (default: random-weight tiny model)")
@@ -44,6 +72,7 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=224, help="frame side in pixels")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--iters", type=int, default=5, help="timed feature-extraction batches")
+    ap.add_argument("--step", action="store_true", help="run the real-time feature step (model.feature_step) only")
     args = ap.parse_args(argv)
     for name in ("batch", "cameras", "size", "new_tokens", "iters"):
         if getattr(args, name) < 1:
@@ -57,6 +86,8 @@ def main(argv=None):
         print("model: embedded default 'tiny' -- RANDOM WEIGHTS, real Qwen2.5-VL geometry at a small width.\n"
               "       Its generated tokens are meaningless (shown as ids); use --model PATH for a real checkpoint.")
     print(f"device: {model.device}, dtype: {model.dtype}, attention backend: {model.backend}")
+    if args.step:
+        return run_step(model, args)
 
     frames = synthetic_frames(args.batch, args.cameras, args.size, model.device)
     texts = [f"Camera views from robot {i}. What should the gripper do next?" for i in range(args.batch)]

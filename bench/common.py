@@ -52,8 +52,13 @@ def time_fns(fns: dict[str, Callable[[], object]], device, warmup: int = 2, reps
             fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {n: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "reps": reps}
+    return {n: {"median_s": statistics.median(t), "p90_s": _p90(t), "min_s": min(t), "max_s": max(t), "reps": reps}
             for n, t in times.items()}
+
+
+def _p90(t: list[float]) -> float:
+    """90th percentile (linear interpolation between the closest ranks)."""
+    return statistics.quantiles(t, n=10, method="inclusive")[-1] if len(t) > 1 else t[0]
 
 
 def _rss_reset() -> bool:

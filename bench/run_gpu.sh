@@ -94,7 +94,7 @@ touch /tmp/run_gpu.start
 case "$MODE" in
   quick) quick || rc=$? ;;
   tests) "$PY" -m pytest -q -s tests/test_gpu_vision.py tests/test_gpu_decoder.py tests/test_gpu_processor.py \
-           tests/test_kernels.py tests/test_kernels_fused.py tests/test_processor.py || rc=$? ;;
+           tests/test_gpu_step.py tests/test_kernels.py tests/test_kernels_fused.py tests/test_processor.py || rc=$? ;;
   deviation) PY="$PY" bash bench/test_deviation.sh --device cuda --config 3b || rc=$? ;;
   speed) PY="$PY" bash bench/test_speed.sh --device cuda || rc=$? ;;
   all) "$0" tests || rc=$?; "$0" deviation || rc=$?; "$0" speed || rc=$? ;;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Speed report: processor, vision tower, feature extraction, generation and shared prefixes, each against
-# transformers in the same run. Writes bench/results/<device>-<date>.{json,md,png}.
+# Speed report: processor, vision tower, feature extraction, generation, the real-time feature step and shared
+# prefixes, each against transformers in the same run. Writes bench/results/<device>-<date>.{json,md,png}.
 #   bash bench/test_speed.sh                 # CPU: small real-geometry configs (~10 min on 2 cores)
 #   bash bench/test_speed.sh --device cuda   # CUDA: 3B and 7B shapes, random weights, bf16
 #   bash bench/test_speed.sh --device cuda --model /path/to/Qwen2.5-VL-7B-Instruct
@@ -30,6 +30,8 @@ for c in $CONFIGS; do
   "$PY" bench/bench_decoder.py --device "$DEVICE" --config "$DEC" "${MODEL_ARGS[@]}" --json "$TMP/decoder-$c.json"
 done
 "$PY" bench/bench_cache.py --device "$DEVICE" --json "$TMP/cache.json"
+if [ "$DEVICE" = cpu ]; then STEP=cpu-small; else STEP=3b; fi
+"$PY" bench/bench_step.py --device "$DEVICE" --config "$STEP" "${MODEL_ARGS[@]}" --json "$TMP/step.json"
 # shared prefixes: N images x k questions; on the CPU one torch thread, speedups from process CPU time
 PREFIX_ARGS=()
 [ "$DEVICE" = cpu ] && PREFIX_ARGS=(--threads 1)

@@ -362,6 +362,23 @@ class QwenBatchedVL(nn.Module):
                              image_mask=ids == self.cfg.image_token_id, vision_embeds=vis, layers=layers,
                              video_mask=ids == self.cfg.video_token_id, video_embeds=vid)
 
+    def feature_step(self, batch_size: int, n_cameras: int, height: int, width: int, *, texts=None,
+                     max_text_tokens: int = 32, layers=(-1,), compile: bool = False, cuda_graph: bool | None = None,
+                     cameras=None):
+        """A fixed-shape feature step for a control loop: ``step(frames, texts=None) -> FeatureOutput``.
+
+        Built once for B samples of N cameras of H x W frames; a warm call reads nothing back from the device.
+        The real tokens get ``extract_features(images=frames, texts=texts, layers=layers)``'s hidden states; the
+        text is padded to ``max_text_tokens`` so every call returns (B, L, D). ``cameras``: names of the camera
+        dict entries in order (default: the first dict's order). ``compile=True``: torch.compile(fullgraph=True)
+        of the device part, captured as one CUDA graph on a GPU; ``cuda_graph=True`` captures the eager step (CUDA;
+        default: with ``compile``). See ``qwen_batched.step``.
+        """
+        from .step import FeatureStep
+
+        return FeatureStep(self, batch_size, n_cameras, height, width, texts=texts, max_text_tokens=max_text_tokens,
+                           layers=layers, compile=compile, cuda_graph=cuda_graph, cameras=cameras)
+
     @torch.inference_mode()
     def generate(self, inputs: ModelInputs | None = None, /, *, input_ids: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,

@@ -117,14 +117,22 @@ def _ieee_fp32_matmul():
             torch.set_float32_matmul_precision(prev)
 
 
-def _resize_rows(x: torch.Tensor, n_out: int) -> torch.Tensor:
+def resize_bands(size_in: tuple[int, int], size_out: tuple[int, int], device) -> tuple:
+    """The banded weights ``resize_float`` uses for (H, W) -> (h, w) on ``device``: (height band or None,
+    width band or None), None for an axis that keeps its size. Precompute them for a fixed frame size."""
+    (h_in, w_in), (h, w) = size_in, size_out
+    device = torch.device(device)
+    return (_band(h_in, h, device) if h != h_in else None, _band(w_in, w, device) if w != w_in else None)
+
+
+def _resize_rows(x: torch.Tensor, n_out: int, band=None) -> torch.Tensor:
     """(..., n_in, L) -> (..., n_out, L) along dim -2."""
-    index, weights = _band(x.shape[-2], n_out, x.device)  # weights: (n_blocks, B, S)
+    index, weights = band if band is not None else _band(x.shape[-2], n_out, x.device)  # weights: (n_blocks, B, S)
     windows = x.index_select(-2, index).unflatten(-2, (weights.shape[0], weights.shape[2]))  # (..., n_blocks, S, L)
     return torch.matmul(weights, windows).flatten(-3, -2)[..., :n_out, :]
 
 
-def _resize_cols(x: torch.Tensor, n_out: int) -> torch.Tensor:
+def _resize_cols(x: torch.Tensor, n_out: int, band=None) -> torch.Tensor:
     """(..., H, n_in) -> (..., H, n_out) along dim -1, returned as a transposed view of a (..., n_out, H) tensor.
 
     Gathering whole rows is far faster than gathering columns, so the width pass runs on a transposed copy
@@ -132,14 +140,16 @@ def _resize_cols(x: torch.Tensor, n_out: int) -> torch.Tensor:
     """
     xt = torch.empty(x.shape[:-2] + (x.shape[-1], x.shape[-2]), dtype=torch.float32, device=x.device)  # (..., n_in, H)
     xt.copy_(x.transpose(-1, -2))
-    return _resize_rows(xt, n_out).transpose(-1, -2)
+    return _resize_rows(xt, n_out, band).transpose(-1, -2)
 
 
-def resize_float(x: torch.Tensor, size: tuple[int, int], *, round_uint8: bool | None = None) -> torch.Tensor:
+def resize_float(x: torch.Tensor, size: tuple[int, int], *, round_uint8: bool | None = None,
+                 bands: tuple | None = None) -> torch.Tensor:
     """Resize (..., H, W) to (..., h, w) as float32 (torchvision's float intermediate).
 
     With ``round_uint8`` (default: when ``x`` is uint8) the result is clamped to [0, 255] and rounded, i.e. the
-    values torchvision's uint8 output holds, still as float32.
+    values torchvision's uint8 output holds, still as float32. ``bands``: ``resize_bands(...)`` for these sizes
+    (looked up when None).
     """
     if round_uint8 is None:
         round_uint8 = x.dtype == torch.uint8
@@ -149,8 +159,9 @@ def resize_float(x: torch.Tensor, size: tuple[int, int], *, round_uint8: bool | 
     if (h, w) == tuple(x.shape[-2:]):
         return x if x.dtype == torch.float32 else x.float()
     with _ieee_fp32_matmul():
-        y = _resize_cols(x, w) if w != x.shape[-1] else x  # (..., H, w), any dtype until a pass runs
-        y = _resize_rows(y.contiguous().float(), h) if h != x.shape[-2] else y.float()  # (..., h, w)
+        h_band, w_band = bands if bands is not None else (None, None)
+        y = _resize_cols(x, w, w_band) if w != x.shape[-1] else x  # (..., H, w), any dtype until a pass runs
+        y = _resize_rows(y.contiguous().float(), h, h_band) if h != x.shape[-2] else y.float()  # (..., h, w)
     if round_uint8:
         y = y.clamp_(0, 255).round_()
     return y
