@@ -32,7 +32,7 @@ from .inputs import BatchLayout, ModelInputs
 from .prompts import (IMAGE_TOKEN, VIDEO_TOKEN, check_placeholders, expand_image_tokens, pad_batch,
                       render_builtin, render_jinja, render_raw)
 from .image_inputs import Collected, check_rescale, check_values, collect_images, collect_videos
-from .resize import device_taps, resize_float
+from .resize import ResizeTables, resize_float
 from .tokenizer import ByteTokenizer, load_tokenizer
 
 from .fused import give_up, kernels_enabled, patchify_reference, resize_patchify
@@ -119,7 +119,8 @@ class BatchedImageProcessor:
         self.vision_start_token_id, self.vision_end_token_id = int(vision_start_token_id), int(vision_end_token_id)
         self.pad_token_id = int(pad_token_id)
         self.use_triton = use_triton
-        self._norm_cache: dict = {}
+        self._norm_cache: dict = {}  # (device, scale) -> mean, std: a handful of entries
+        self.resize_tables = ResizeTables()  # resize taps and bands per size, on each device once
         self._check_tokenizer_ids()
 
     # ------------------------------------------------------------------ construction
@@ -284,7 +285,7 @@ class BatchedImageProcessor:
         grid = [math.ceil(f / self.temporal_patch_size), g.size[0] // self.patch_size, g.size[1] // self.patch_size]
         use_triton = self.use_triton if self.use_triton is not None else (kernels_enabled() and frames.is_cuda)
         if use_triton:
-            taps = [device_taps(src, dst, frames.device) if src != dst else None
+            taps = [self.resize_tables.taps(src, dst, frames.device) if src != dst else None
                     for src, dst in ((height, g.size[0]), (width, g.size[1]))]
             resized = any(t is not None for t in taps)
             try:
@@ -295,7 +296,8 @@ class BatchedImageProcessor:
                     raise
                 give_up("resize_patchify", e)
         if g.size != (height, width):
-            frames = resize_float(frames.reshape(n * f, c, height, width), g.size, round_uint8=uint8)
+            frames = resize_float(frames.reshape(n * f, c, height, width), g.size, round_uint8=uint8,
+                                  bands=self.resize_tables.bands((height, width), g.size, frames.device))
             frames = frames.view(n, f, c, *g.size)  # float32 (uint8 inputs: rounded values)
         return patchify_reference(frames, mean, std, **kw), grid
 

@@ -18,6 +18,7 @@ image size for any scale.
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 import functools
 
 import torch
@@ -81,27 +82,46 @@ def _band_cpu(n_in: int, n_out: int, block: int) -> tuple[torch.Tensor, torch.Te
     return index, weights.view(n_blocks, block, span)
 
 
-_ON_DEVICE: dict = {}
+def _device_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    xmin, w = axis_taps(n_in, n_out)
+    return xmin.int(), w
 
 
-def _cached_on(device: torch.device, key: tuple, build) -> tuple[torch.Tensor, ...]:
-    """``build()``'s CPU tensors copied to ``device`` once per key."""
-    full = (device, *key)
-    if full not in _ON_DEVICE:
-        if len(_ON_DEVICE) > 512:
-            _ON_DEVICE.clear()
-        _ON_DEVICE[full] = tuple(t.to(device) for t in build())
-    return _ON_DEVICE[full]
+class ResizeTables:
+    """The resize tables of the sizes a processor meets, copied to each device once (LRU, ``capacity`` entries).
 
+    Owned by ``BatchedImageProcessor`` (and so by the model): the host tables behind them are small and kept by
+    ``functools.lru_cache``; the device copies live here, not in a module global.
+    """
 
-def _band(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return _cached_on(device, ("band", n_in, n_out), lambda: _band_cpu(n_in, n_out, _BLOCK))
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self._store: OrderedDict = OrderedDict()
 
+    def _get(self, key: tuple, build) -> tuple[torch.Tensor, ...]:
+        got = self._store.get(key)
+        if got is None:
+            got = tuple(t.to(key[0]) for t in build())
+            self._store[key] = got
+            if len(self._store) > self.capacity:
+                self._store.popitem(last=False)
+        else:
+            self._store.move_to_end(key)
+        return got
 
-def device_taps(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`axis_taps` on ``device`` (first index as int32), cached: the Triton kernels' input."""
-    return _cached_on(torch.device(device), ("taps", n_in, n_out),
-                      lambda: (axis_taps(n_in, n_out)[0].int(), axis_taps(n_in, n_out)[1]))
+    def taps(self, n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`axis_taps` on ``device`` (first index as int32): the Triton kernels' input."""
+        return self._get((torch.device(device), "taps", n_in, n_out), lambda: _device_taps(n_in, n_out))
+
+    def bands(self, size_in: tuple[int, int], size_out: tuple[int, int], device) -> tuple:
+        """The banded weights ``resize_float`` uses for (H, W) -> (h, w) on ``device``: (height band or None,
+        width band or None), None for an axis that keeps its size."""
+        (h_in, w_in), (h, w) = size_in, size_out
+        device = torch.device(device)
+
+        def band(n_in, n_out):
+            return self._get((device, "band", n_in, n_out), lambda: _band_cpu(n_in, n_out, _BLOCK))
+        return (band(h_in, h) if h != h_in else None, band(w_in, w) if w != w_in else None)
 
 
 @contextlib.contextmanager
@@ -117,17 +137,11 @@ def _ieee_fp32_matmul():
             torch.set_float32_matmul_precision(prev)
 
 
-def resize_bands(size_in: tuple[int, int], size_out: tuple[int, int], device) -> tuple:
-    """The banded weights ``resize_float`` uses for (H, W) -> (h, w) on ``device``: (height band or None,
-    width band or None), None for an axis that keeps its size. Precompute them for a fixed frame size."""
-    (h_in, w_in), (h, w) = size_in, size_out
-    device = torch.device(device)
-    return (_band(h_in, h, device) if h != h_in else None, _band(w_in, w, device) if w != w_in else None)
-
-
 def _resize_rows(x: torch.Tensor, n_out: int, band=None) -> torch.Tensor:
     """(..., n_in, L) -> (..., n_out, L) along dim -2."""
-    index, weights = band if band is not None else _band(x.shape[-2], n_out, x.device)  # weights: (n_blocks, B, S)
+    if band is None:  # uncached: built on the host (lru-cached there) and copied for this call
+        band = tuple(t.to(x.device) for t in _band_cpu(x.shape[-2], n_out, _BLOCK))
+    index, weights = band  # weights: (n_blocks, B, S)
     windows = x.index_select(-2, index).unflatten(-2, (weights.shape[0], weights.shape[2]))  # (..., n_blocks, S, L)
     return torch.matmul(weights, windows).flatten(-3, -2)[..., :n_out, :]
 
@@ -148,8 +162,8 @@ def resize_float(x: torch.Tensor, size: tuple[int, int], *, round_uint8: bool | 
     """Resize (..., H, W) to (..., h, w) as float32 (torchvision's float intermediate).
 
     With ``round_uint8`` (default: when ``x`` is uint8) the result is clamped to [0, 255] and rounded, i.e. the
-    values torchvision's uint8 output holds, still as float32. ``bands``: ``resize_bands(...)`` for these sizes
-    (looked up when None).
+    values torchvision's uint8 output holds, still as float32. ``bands``: ``ResizeTables.bands(...)`` for these
+    sizes (built for this call when None).
     """
     if round_uint8 is None:
         round_uint8 = x.dtype == torch.uint8

@@ -31,7 +31,7 @@ from .attention import PACKED_BACKENDS, VarlenPlan
 from .fused import give_up, kernels_enabled, patchify_reference, resize_patchify
 from .outputs import FeatureOutput
 from .prompts import IMAGE_TOKEN, expand_image_tokens
-from .resize import device_taps, resize_bands, resize_float
+from .resize import resize_float
 from .rope import mrope_cos_sin, rope_index
 from .text import PackedAttention
 from .validation import check_context, resolve_layers
@@ -173,8 +173,9 @@ class FeatureStep:
         gh, gw = self.image_size[0] // vcfg.patch_size, self.image_size[1] // vcfg.patch_size
         self.tokens_per_image = gh * gw // vcfg.merge_unit
         resized = self.image_size != (height, width)
-        self._bands = resize_bands((height, width), self.image_size, device) if resized else None
-        self._taps = [device_taps(src, dst, device) if src != dst else None
+        tables = proc.resize_tables
+        self._bands = tables.bands((height, width), self.image_size, device) if resized else None
+        self._taps = [tables.taps(src, dst, device) if src != dst else None
                       for src, dst in ((height, self.image_size[0]), (width, self.image_size[1]))]
         mean = torch.tensor(proc.image_mean, dtype=torch.float32)
         std = torch.tensor(proc.image_std, dtype=torch.float32)

@@ -11,7 +11,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 from qwen_batched.processor import CLIP_MEAN, CLIP_STD  # noqa: E402
-from qwen_batched.resize import device_taps, resize_float  # noqa: E402
+from qwen_batched.resize import ResizeTables, resize_float  # noqa: E402
 
 from qwen_batched.kernels.patchify import patchify, patchify_reference, resize_patchify  # noqa: E402
 
@@ -69,7 +69,7 @@ def _torch_path(frames, size, mean, std):
 ])
 def test_resize_patchify_matches_torch_path(shape, size):
     x = _frames(shape, torch.uint8, seed=3)
-    taps = [device_taps(a, b, DEVICE) if a != b else None for a, b in zip(shape[-2:], size)]
+    taps = [ResizeTables().taps(a, b, DEVICE) if a != b else None for a, b in zip(shape[-2:], size)]
     ours = resize_patchify(x, MEAN255, STD255, height_taps=taps[0], width_taps=taps[1], round_uint8=True).cpu()
     ref = _torch_path(x, size, MEAN255, STD255)
     diff = (ours - ref).abs()
