@@ -7,37 +7,27 @@
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
 from .config import ModelConfig
 from .geometry import VisionGeometry, build_geometry
 from .image_cache import ImageFingerprints
+from .lru import LRU
 from .rope import inv_freq, section_index
 
 
 class ModelCaches:
     def __init__(self, cfg: ModelConfig, geometry_capacity: int = 64):
         self.cfg = cfg
-        self.geometry_capacity = geometry_capacity
-        self._geometry: OrderedDict = OrderedDict()
+        self._geometry = LRU(geometry_capacity)
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.decode = None  # (key, StaticDecoder, compiled step): see generation.decode_step
         self.fingerprints = ImageFingerprints(model_token="")
 
     def geometry(self, grids: tuple[tuple[int, int, int], ...], device: torch.device, backend: str) -> VisionGeometry:
         """The vision geometry of a grid list (host tuples), built once and kept while it is in use."""
-        key = (grids, str(device), backend)
-        geo = self._geometry.get(key)
-        if geo is None:
-            geo = build_geometry(grids, self.cfg.vision, device, backend)
-            self._geometry[key] = geo
-            if len(self._geometry) > self.geometry_capacity:
-                self._geometry.popitem(last=False)
-        else:
-            self._geometry.move_to_end(key)
-        return geo
+        return self._geometry.get((grids, str(device), backend),
+                                  lambda: build_geometry(grids, self.cfg.vision, device, backend))
 
     def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(fp32 inverse frequencies (hd/2,), section axis index (hd/2,)) of the decoder on ``device``."""

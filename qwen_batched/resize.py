@@ -18,10 +18,11 @@ image size for any scale.
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 import functools
 
 import torch
+
+from .lru import LRU
 
 _A = -0.5  # cubic coefficient of the antialiased kernel (PIL and torch)
 _BLOCK = 32  # output rows per block of the banded weight matrix
@@ -95,19 +96,10 @@ class ResizeTables:
     """
 
     def __init__(self, capacity: int = 256):
-        self.capacity = capacity
-        self._store: OrderedDict = OrderedDict()
+        self._store = LRU(capacity)
 
     def _get(self, key: tuple, build) -> tuple[torch.Tensor, ...]:
-        got = self._store.get(key)
-        if got is None:
-            got = tuple(t.to(key[0]) for t in build())
-            self._store[key] = got
-            if len(self._store) > self.capacity:
-                self._store.popitem(last=False)
-        else:
-            self._store.move_to_end(key)
-        return got
+        return self._store.get(key, lambda: tuple(t.to(key[0]) for t in build()))
 
     def taps(self, n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`axis_taps` on ``device`` (first index as int32): the Triton kernels' input."""

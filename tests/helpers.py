@@ -132,3 +132,16 @@ def pad_rows(cfg, rows, padding_side="left"):
 
 def model_inputs(batch):
     return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+
+
+def count_vision_rows(model) -> list[int]:
+    """Patch rows of every vision-tower call on ``model`` from now on."""
+    calls = []
+    orig = model.visual.forward
+
+    def wrapped(pv, *args, **kw):
+        calls.append(pv.shape[0])
+        return orig(pv, *args, **kw)
+
+    model.visual.forward = wrapped
+    return calls

@@ -4,7 +4,7 @@ import torch
 
 from qwen_batched import QwenBatchedVL
 from qwen_batched.image_cache import ImageEmbeddingCache
-from tests.helpers import rel_err
+from tests.helpers import count_vision_rows, rel_err
 
 
 @pytest.fixture()
@@ -17,24 +17,13 @@ def _images(grids, seed):
     return [torch.randn(t * h * w, 1176, generator=g) for t, h, w in grids]
 
 
-def _count_vision_rows(model):
-    calls = []
-    orig = model.visual.forward
-
-    def wrapped(pv, *args, **kw):
-        calls.append(pv.shape[0])
-        return orig(pv, *args, **kw)
-    model.visual.forward = wrapped
-    return calls
-
-
 def test_hits_skip_vision_and_match_uncached(model):
     grids = [(1, 8, 8), (1, 6, 4), (2, 4, 4)]
     imgs = _images(grids, 0)
     pv, g = torch.cat(imgs), torch.tensor(grids)
     ref = model.encode_images(pv, g)
     model.enable_image_cache(max_bytes=1 << 20)
-    calls = _count_vision_rows(model)
+    calls = count_vision_rows(model)
     first = model.encode_images(pv, g)
     assert calls == [pv.shape[0]]
     second = model.encode_images(pv, g)
@@ -52,7 +41,7 @@ def test_hits_skip_vision_and_match_uncached(model):
 
 def test_duplicates_in_one_batch_encoded_once(model):
     model.enable_image_cache(max_bytes=1 << 20)
-    calls = _count_vision_rows(model)
+    calls = count_vision_rows(model)
     a, b = _images([(1, 8, 8), (1, 4, 4)], 1)
     pv = torch.cat([a, b, a, a, b])
     grids = torch.tensor([(1, 8, 8), (1, 4, 4)] * 1 + [(1, 8, 8), (1, 8, 8), (1, 4, 4)])
@@ -78,7 +67,7 @@ def test_eviction_respects_byte_budget(model):
         model.encode_images(im, torch.tensor([(1, 8, 8)]))
         assert model.image_cache.bytes <= 3 * per_image
     assert len(model.image_cache) == 3
-    calls = _count_vision_rows(model)
+    calls = count_vision_rows(model)
     model.encode_images(imgs[-1], torch.tensor([(1, 8, 8)]))  # most recent: hit
     assert calls == []
     model.encode_images(imgs[0], torch.tensor([(1, 8, 8)]))  # evicted first: miss

@@ -9,7 +9,7 @@ from qwen_batched import ModelInputs
 from qwen_batched.generation import KVCache, prefill_on_cache
 from qwen_batched.rope import rope_index
 from qwen_batched.text import run_batch
-from tests.helpers import pad_rows, rel_err
+from tests.helpers import count_vision_rows, pad_rows, rel_err
 
 TOL = 1e-5
 N_NEW = 6
@@ -26,23 +26,10 @@ def _clip(seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (4, 3, 56, 56), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
-def _vision_rows(model) -> list[int]:
-    """Patch rows of every vision-tower call on ``model`` from now on."""
-    calls = []
-    orig = model.visual.forward
-
-    def wrapped(pv, *args, **kw):
-        calls.append(pv.shape[0])
-        return orig(pv, *args, **kw)
-
-    model.visual.forward = wrapped
-    return calls
-
-
 @pytest.fixture()
 def vision_rows(models):
     m = models[1]
-    calls = _vision_rows(m)
+    calls = count_vision_rows(m)
     yield calls
     del m.visual.forward  # back to the class method
 
