@@ -272,12 +272,15 @@ class QwenBatchedVL(nn.Module):
         if pieces:
             enc = self._vision(torch.cat(pieces) if len(pieces) > 1 else pieces[0], tuple(enc_grids))
         n_img = sum(rows[i] for i in first) // mu
+        videos = enc[n_img:] if video_grids else None
         fresh = dict(zip(todo, enc[:n_img].split([rows[i] // mu for i in first]))) if first else {}
         if cache is not None:
             for k, v in fresh.items():
                 cache.put(k, v)
+        if first == list(range(len(grids))):  # every image encoded, in order: the features as they came
+            return enc[:n_img], videos
         out = [fresh[i if k is None else k] if hit is None else hit for i, (k, hit) in enumerate(zip(keys, out))]
-        return torch.cat(out), (enc[n_img:] if video_grids else None)
+        return torch.cat(out), videos
 
     def _prefix_groups(self, batch: ModelInputs) -> PrefixGroups | None:
         """Rows of ``batch`` sharing a prefix (``prefix.find_groups``), or None when fewer than two rows hold an
@@ -496,22 +499,15 @@ class QwenBatchedVL(nn.Module):
     def _encode_vision(self, rows: ModelInputs, keys: Sequence[bytes | None] | None = None,
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Merged features of the images and of the videos of ``rows`` (each (n_tokens, D) or None). Images and
-        videos go through the vision tower in one call; with content ``keys`` of the images, or the image cache
-        on, each distinct image is encoded once (``_encode_unique``)."""
+        videos go through the vision tower in one call (``_encode_unique``: with content ``keys`` of the images, or
+        the image cache on, each distinct image once)."""
         lay = rows.layout
-        grids, vgrids = lay.image_grids, lay.video_grids
-        if grids and (self.image_cache is not None or (keys is not None and any(k is not None for k in keys))):
-            return self._encode_unique(rows.pixel_values, grids, keys, rows.pixel_values_videos, vgrids)
-        if not vgrids:
-            if not grids:
-                return None, None
-            return self._vision(rows.pixel_values, grids), None
-        if not grids:
-            return None, self._vision(rows.pixel_values_videos, vgrids)
-        pv = torch.cat([rows.pixel_values, rows.pixel_values_videos.to(rows.pixel_values.dtype)])
-        both = self._vision(pv, grids + vgrids)
-        n_img = rows.pixel_values.shape[0] // self.cfg.vision.merge_unit
-        return both[:n_img], both[n_img:]
+        if lay.image_grids:
+            return self._encode_unique(rows.pixel_values, lay.image_grids, keys, rows.pixel_values_videos,
+                                       lay.video_grids)
+        if lay.video_grids:
+            return None, self._vision(rows.pixel_values_videos, lay.video_grids)
+        return None, None
 
     def _embed(self, rows: ModelInputs, keys: Sequence[bytes | None] | None = None) -> Embedded:
         """Token embeddings with the encoded images and videos scattered in, and 3-D positions."""
