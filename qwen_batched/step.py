@@ -34,13 +34,9 @@ from .prompts import IMAGE_TOKEN, expand_image_tokens
 from .resize import resize_float
 from .rope import mrope_cos_sin, rope_index
 from .text import PackedAttention
-from .validation import check_context, resolve_layers
+from .validation import is_int, check_context, resolve_layers
 
 _CACHE = 64  # distinct text tuples (and single texts x 16) kept tokenized, least recently used first out
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +140,7 @@ class FeatureStep:
                  cameras=None):
         for name, v in (("batch_size", batch_size), ("n_cameras", n_cameras), ("height", height), ("width", width),
                         ("max_text_tokens", max_text_tokens)):
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be a bool, got {type(compile).__name__}")

@@ -16,7 +16,7 @@ from .config import ModelConfig, VisionConfig
 from .inputs import BatchLayout, Grid, ModelInputs
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -34,14 +34,14 @@ def resolve_layers(layers, n_layers: int) -> tuple[int, ...]:
     n = n_layers
     if layers is None:
         return tuple(range(n + 1))
-    if _is_int(layers):
+    if is_int(layers):
         layers = [layers]
     if not isinstance(layers, (list, tuple, range)):
         raise TypeError(f"layers must be None, an int or a sequence of ints, got {type(layers).__name__}")
     if len(layers) == 0:
         raise ValueError("layers must name at least one hidden state (or be None for all)")
     for i in layers:
-        if not _is_int(i):
+        if not is_int(i):
             raise TypeError(f"layers must hold ints, got {i!r}")
         if not -(n + 1) <= i <= n:
             raise ValueError(f"layers index {i} out of range: hidden states are 0..{n} (or -{n + 1}..-1)")
@@ -52,8 +52,8 @@ def resolve_eos(eos_token_id, cfg: ModelConfig) -> tuple[int, ...]:
     """None = the checkpoint's EOS ids; an int or a list overrides them; [] never stops."""
     if eos_token_id is None:
         return tuple(cfg.eos_token_ids)
-    ids = [eos_token_id] if _is_int(eos_token_id) else eos_token_id
-    if not isinstance(ids, (list, tuple)) or not all(_is_int(i) for i in ids):
+    ids = [eos_token_id] if is_int(eos_token_id) else eos_token_id
+    if not isinstance(ids, (list, tuple)) or not all(is_int(i) for i in ids):
         raise TypeError(f"eos_token_id must be None, an int or a list of ints, got {eos_token_id!r}")
     if any(not 0 <= i < cfg.text.vocab_size for i in ids):
         raise ValueError(f"eos_token_id {eos_token_id!r} outside the vocabulary (0..{cfg.text.vocab_size - 1})")
@@ -70,10 +70,10 @@ def check_sampling(temperature, top_k, top_p) -> None:
 
 
 def check_generate_args(max_new_tokens, temperature, top_k, top_p, seed, compile) -> None:
-    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     check_sampling(temperature, top_k, top_p)
-    if seed is not None and not _is_int(seed) and not (isinstance(seed, (list, tuple)) and all(map(_is_int, seed))):
+    if seed is not None and not is_int(seed) and not (isinstance(seed, (list, tuple)) and all(map(is_int, seed))):
         raise TypeError(f"seed must be an int, a list of ints (one per row) or None, got {seed!r:.80}")
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be a bool, got {type(compile).__name__}")

@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from ..config import read_json  # noqa: F401 (the jobs' JSON files: settings.json, index.json)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TMP_PREFIX = ".tmp-"
 # <prefix>-run<N>-<random>-r<rank>-<seq>: N counts the runs on this output, so later runs sort (and win) last.
@@ -229,14 +231,6 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-def read_json(path: str):
-    """The parsed file, or None when it does not exist."""
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def list_shards(directory: str, pattern: re.Pattern) -> list[str]:
