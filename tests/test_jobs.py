@@ -452,6 +452,14 @@ def test_settings_change_is_refused_and_overwrite_discards(tmp_path):
     m = FakeModel()
     run_fake(m, *common, "--max-new-tokens", 7, "--overwrite")
     assert sum(m.batches) == 4 and all(r["metadata"]["max_new_tokens"] == 7 for r in read_jsonl(tmp_path / "a.jsonl"))
+    # answers made on a GPU are not mixed with a CPU run's (its kernels round differently)
+    path = tmp_path / "a.jsonl.parts" / "settings.json"
+    settings = json.loads(path.read_text())
+    assert settings["settings"]["device"] == "cpu"
+    settings["settings"]["device"] = "cuda"
+    path.write_text(json.dumps(settings))
+    with pytest.raises(SystemExit, match="device: 'cuda' -> 'cpu'"):
+        run_fake(FakeModel(), *common, "--max-new-tokens", 7)
 
 
 def test_failed_items_are_retried_and_the_summary_counts_the_files_errors(tmp_path, capsys):

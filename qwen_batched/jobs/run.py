@@ -535,6 +535,7 @@ class Job:
         manifest = {"format": self.format,
                     "model": {"source": a.model, "fingerprint": model_fingerprint(source, a.weights_seed)},
                     "settings": {**self.settings(), "dtype": resolved_dtype(source, self.device, a.dtype, self.model),
+                                 "device": self.device.type,  # CPU and GPU kernels round differently
                                  "min_pixels": a.min_pixels, "max_pixels": a.max_pixels}}
         if a.overwrite:
             self.discard()
