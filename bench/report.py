@@ -19,6 +19,7 @@ TITLES = {"processor": "Processor (images -> model inputs)", "vit": "Vision towe
           "decoder": "Decoder: features and generation", "cache": "Per-image embedding cache (extract_features)",
           "parts": "Parts of the run (exit code 0 = passed; 124 = stopped by its time limit)",
           "step": "Real-time feature step",
+          "profile": "Device-time profile (kernels per call, time per kernel class)",
           "prefix": "Shared prefixes: N images x k questions (generate, share_prefix on / off / transformers per sample)"}
 
 
@@ -113,6 +114,8 @@ def main(argv=None):
         rows = _readable(data.get("rows", []))
         if rows:
             lines += [markdown_table(rows, _columns(rows)), ""]
+        for target, top in (data.get("top") or {}).items():
+            lines += [f"### Top kernels: {target}", "", markdown_table(top, _columns(top)), ""]
         if data.get("scaling"):
             scaling[f"{cfg} {m.get('dtype', '')}".strip()] = data["scaling"]
             lines += ["### Scaling (images/s)", "", markdown_table(data["scaling"], _columns(data["scaling"])), ""]

@@ -4,6 +4,7 @@
 #   bash bench/run_gpu.sh tests       # CUDA tests + kernel tests, prints the bf16 numbers (-s)
 #   bash bench/run_gpu.sh deviation   # deviation report, 3B shapes, bf16 and fp32
 #   bash bench/run_gpu.sh speed       # full speed report, 3B and 7B shapes, bf16
+#   bash bench/run_gpu.sh latency     # ~6 min: device-time profile, compiled step, shared prefixes (3B shapes)
 #   bash bench/run_gpu.sh quick --device cpu   # dry run of quick's control flow on a CPU, tiny shapes
 # Results land in bench/results/ and, when $OUT is set, are copied there too.
 #
@@ -15,9 +16,16 @@
 #             tiny; the model build (3B random init on the GPU, ~7 GB) dominates              limit 150 s
 #   generate  B=32 x 64 new tokens: 64 decode steps reading 7 GB of weights ~ 64 x 2-3 ms + prefill of 32 x 270
 #             tokens; transformers' generate ~3-5x slower; 6 runs each                            limit 180 s
-#   step      the real-time feature step (when bench/bench_step.py exists)                      limit 90 s
+#   step      the real-time feature step: eager, in a CUDA graph, extract_features, transformers  limit 90 s
+#
+# latency, for the real-time step after quick (fits the rest of a 15-minute device budget):
+#   profile   kernels per step and device time per kernel class: the step (B=1, 3 x 224x224) eager and its graph
+#             replay, the vision tower on 16 x 448x448; our model only                          limit 120 s
+#   compiled  bench_step case (a), B=1: eager / graph / compiled (inductor, captured) / extract_features /
+#             transformers; the compilation of 68 layers dominates                              limit 240 s
+#   prefix    16 images x k = 1, 5 questions, sharing on / off / transformers per sample    limit 100 s
 # Each part runs under its own `timeout`, so one hang cannot eat the rest; every part's exit code and seconds go
-# into the report. Worst case 740 s if every part hits its limit; expected ~4-6 min.
+# into the report. Worst case: quick 740 s, latency 460 s if every part hits its limit; expected quick ~4 min.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -44,36 +52,18 @@ else
   export TRITON_INTERPRET=1
 fi
 
-quick() {
-  local tmp cfg vitcfg start
-  tmp=$(mktemp -d)
-  if [ "$DEVICE" = cuda ]; then cfg=3b; vitcfg=3b; vitcase="64 x 448x448"; else cfg=tiny; vitcfg=cpu-small; vitcase="8 x 448x448"; fi
-  : > "$tmp/parts.tsv"
-  part() {  # part NAME LIMIT_S COMMAND...
-    local name=$1 limit=$2; shift 2
-    echo "=== $name (limit ${limit}s): $*" >&2
-    start=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@"
-    local rc=$?
-    printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$tmp/parts.tsv"
-  }
-  if [ "$DEVICE" = cuda ]; then
-    part tests 200 "$PY" -m pytest -q -rfE -s -p no:cacheprovider tests/test_gpu_vision.py tests/test_gpu_decoder.py \
-      tests/test_gpu_processor.py tests/test_kernels.py tests/test_kernels_fused.py tests/test_packed_paths.py \
-      $(ls tests/test_gpu_step.py 2>/dev/null)
-  else
-    part tests 200 "$PY" -m pytest -q -x tests/test_kernels_fused.py -k "argument_error or falls_back"
-  fi
-  part vit 120 "$PY" bench/bench_vit.py --device "$DEVICE" --config "$vitcfg" --case "$vitcase" --no-per-image \
-    --reps 5 --json "$tmp/vit-$cfg.json"
-  part features 150 "$PY" bench/bench_decoder.py --device "$DEVICE" --config "$cfg" --only features --skip-per-sample \
-    --json "$tmp/decoder-features-$cfg.json"
-  part generate 180 "$PY" bench/bench_decoder.py --device "$DEVICE" --config "$cfg" --only generation --skip-per-sample \
-    --json "$tmp/decoder-generation-$cfg.json"
-  if [ -f bench/bench_step.py ]; then
-    part step 90 "$PY" bench/bench_step.py --device "$DEVICE" --config "$cfg" --quick --json "$tmp/step-$cfg.json"
-  fi
-  "$PY" - "$tmp" <<'PYEOF'
+TMP=$(mktemp -d)
+: > "$TMP/parts.tsv"
+part() {  # part NAME LIMIT_S COMMAND...: run under its own time limit, record the exit code and seconds
+  local name=$1 limit=$2 start rc; shift 2
+  echo "=== $name (limit ${limit}s): $*" >&2
+  start=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@"
+  rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$TMP/parts.tsv"
+}
+report() {  # report PREFIX COMMAND: the parts table + every part's JSON -> bench/results/PREFIX<device>-<date>.*
+  "$PY" - "$TMP" <<'PYEOF'
 import csv, json, os, sys
 sys.path.insert(0, os.getcwd())
 from bench.common import header
@@ -83,22 +73,53 @@ rows = [{"part": n, "exit_code": int(rc), "seconds": int(s)} for n, rc, s in csv
 dev = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0" else "cpu")
 json.dump({"meta": header(dev), "rows": rows}, open(f"{tmp}/parts.json", "w"), indent=2)
 PYEOF
-  "$PY" bench/report.py --inputs "$tmp" --out bench/results --device "$DEVICE" --prefix quick- \
-    --command "bash bench/run_gpu.sh quick${DEVICE:+ --device $DEVICE}"
-  cat "$tmp/parts.tsv"
-  ! awk -F'\t' '$2 != 0 {bad=1} END {exit !bad}' "$tmp/parts.tsv"
+  "$PY" bench/report.py --inputs "$TMP" --out bench/results --device "$DEVICE" --prefix "$1" --command "$2"
+  cat "$TMP/parts.tsv"
+  ! awk -F'\t' '$2 != 0 {bad=1} END {exit !bad}' "$TMP/parts.tsv"
+}
+
+quick() {
+  local cfg vitcfg vitcase
+  if [ "$DEVICE" = cuda ]; then cfg=3b; vitcfg=3b; vitcase="64 x 448x448"; else cfg=tiny; vitcfg=cpu-small; vitcase="8 x 448x448"; fi
+  if [ "$DEVICE" = cuda ]; then
+    part tests 200 "$PY" -m pytest -q -rfE -s -p no:cacheprovider tests/test_gpu_vision.py tests/test_gpu_decoder.py \
+      tests/test_gpu_processor.py tests/test_kernels.py tests/test_kernels_fused.py tests/test_packed_paths.py \
+      tests/test_gpu_step.py
+  else
+    part tests 200 "$PY" -m pytest -q -x tests/test_kernels_fused.py -k "argument_error or falls_back"
+  fi
+  part vit 120 "$PY" bench/bench_vit.py --device "$DEVICE" --config "$vitcfg" --case "$vitcase" --no-per-image \
+    --reps 5 --json "$TMP/vit-$cfg.json"
+  part features 150 "$PY" bench/bench_decoder.py --device "$DEVICE" --config "$cfg" --only features --skip-per-sample \
+    --json "$TMP/decoder-features-$cfg.json"
+  part generate 180 "$PY" bench/bench_decoder.py --device "$DEVICE" --config "$cfg" --only generation --skip-per-sample \
+    --json "$TMP/decoder-generation-$cfg.json"
+  part step 90 "$PY" bench/bench_step.py --device "$DEVICE" --config "$cfg" --quick --json "$TMP/step-$cfg.json"
+  report quick- "bash bench/run_gpu.sh quick --device $DEVICE"
+}
+
+latency() {
+  local cfg=3b stepcfg=3b images=16
+  if [ "$DEVICE" != cuda ]; then cfg=cpu-small; stepcfg=cpu-small; images=2; fi
+  part profile 120 "$PY" bench/profile_gpu.py --device "$DEVICE" --config "$cfg" --json "$TMP/profile-$cfg.json"
+  part compiled 240 "$PY" bench/bench_step.py --device "$DEVICE" --config "$stepcfg" --cases a --batches 1 \
+    --json "$TMP/step-$cfg.json"
+  part prefix 100 "$PY" bench/bench_prefix.py --device "$DEVICE" --config "$cfg" --images "$images" --k 1,5 --reps 3 \
+    --json "$TMP/prefix-$cfg.json"
+  report latency- "bash bench/run_gpu.sh latency --device $DEVICE"
 }
 
 rc=0
 touch /tmp/run_gpu.start
 case "$MODE" in
   quick) quick || rc=$? ;;
+  latency) latency || rc=$? ;;
   tests) "$PY" -m pytest -q -s tests/test_gpu_vision.py tests/test_gpu_decoder.py tests/test_gpu_processor.py \
            tests/test_gpu_step.py tests/test_kernels.py tests/test_kernels_fused.py tests/test_processor.py || rc=$? ;;
   deviation) PY="$PY" bash bench/test_deviation.sh --device cuda --config 3b || rc=$? ;;
   speed) PY="$PY" bash bench/test_speed.sh --device cuda || rc=$? ;;
   all) "$0" tests || rc=$?; "$0" deviation || rc=$?; "$0" speed || rc=$? ;;
-  *) echo "usage: $0 [quick|tests|deviation|speed|all] [--device cuda|cpu]" >&2; exit 2 ;;
+  *) echo "usage: $0 [quick|latency|tests|deviation|speed|all] [--device cuda|cpu]" >&2; exit 2 ;;
 esac
 if [ -n "${OUT:-}" ]; then  # only what this run wrote (the device tool brings back a few files)
   mkdir -p "$OUT/results" && find bench/results -type f -newer /tmp/run_gpu.start -exec cp {} "$OUT/results/" \;
