@@ -112,7 +112,7 @@ def run_case(name: str, B: int, hf, ours, hf_proc, device, reps: int, warmup: in
     g = torch.Generator().manual_seed(B)
     frames = torch.randint(0, 256, (B, N, 3, H, W), generator=g, dtype=torch.uint8).to(device)
     texts = [instruction(ours.processor.tokenizer)] * B
-    step = ours.feature_step(B, N, H, W, texts=texts, max_text_tokens=16)
+    step = ours.feature_step(B, N, H, W, texts=texts, max_text_tokens=16, cuda_graph=False)  # eager
     row = {"case": f"({name}) B={B}, {N} x {H}x{W}", "tokens": step.length,
            "text_tokens": len(ours.processor.tokenizer.encode(texts[0]))}
     fns = {"step": lambda: step(frames),

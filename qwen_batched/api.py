@@ -373,9 +373,9 @@ class QwenBatchedVL(nn.Module):
         Built once for B samples of N cameras of H x W frames; a warm call reads nothing back from the device.
         The real tokens get ``extract_features(images=frames, texts=texts, layers=layers)``'s hidden states; the
         text is padded to ``max_text_tokens`` so every call returns (B, L, D). ``cameras``: names of the camera
-        dict entries in order (default: the first dict's order). ``compile=True``: torch.compile(fullgraph=True)
-        of the device part, captured as one CUDA graph on a GPU; ``cuda_graph=True`` captures the eager step (CUDA;
-        default: with ``compile``). See ``qwen_batched.step``.
+        dict entries in order (default: the first dict's order). ``cuda_graph`` (default: on CUDA): the step is
+        replayed as one captured CUDA graph. ``compile=True``: torch.compile(fullgraph=True) of the device part
+        (captured too on CUDA). See ``qwen_batched.step``.
         """
         from .step import FeatureStep
 

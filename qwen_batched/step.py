@@ -5,9 +5,10 @@ instruction that rarely changes. ``model.feature_step(B, N, H, W)`` builds every
 those shapes once: the resize target and bands, the vision geometry (window order, rotary tables, segment
 plans), the prompt around the images, the image-token scatter index and the decoder's 3-D positions
 and rotary tables. A warm call then reads nothing back from the device: frames in, features out, the same
-shapes every call. With ``compile=True`` the device part goes through ``torch.compile(fullgraph=True)`` and, on
-CUDA, is captured with the preprocessing as one CUDA graph (``cuda_graph=True`` captures the eager step, which
-builds in seconds instead of a compilation's minutes).
+shapes every call. On CUDA the step (preprocessing included) is captured as one CUDA graph by default: a replay is
+one graph launch instead of one launch per kernel (``cuda_graph=False`` runs it eagerly). With ``compile=True`` the device part goes
+through ``torch.compile(fullgraph=True)`` first (fewer, fused kernels; minutes to build instead of a capture's
+fraction of a second).
 
 Token layout. ``extract_features`` puts a sample's images, then its text, in the user turn. Inside the step the
 text slot is right-padded: ``[prefix and image blocks (P)][text (t)][suffix (S)][pad (T - t)]``, length
@@ -156,7 +157,7 @@ class FeatureStep:
         cfg, vcfg = model.cfg, model.cfg.vision
         self.layers = resolve_layers(layers, cfg.text.num_hidden_layers)
         self.model, self.compile = model, compile
-        self.cuda_graph = (compile and model.device.type == "cuda") if cuda_graph is None else cuda_graph
+        self.cuda_graph = model.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.batch_size, self.n_cameras, self.height, self.width = batch_size, n_cameras, height, width
         self.max_text_tokens = max_text_tokens
         self.image_size = proc.smart_resize(height, width)  # ValueError for an extreme aspect ratio
