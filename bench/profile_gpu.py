@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_jobs import byte_processor  # noqa: E402
 from bench.bench_step import instruction, model_config  # noqa: E402
-from bench.common import header, markdown_table, sync, write_json  # noqa: E402
+from bench.common import header, markdown_table, sync, time_fn, write_json  # noqa: E402
 from qwen_batched import QwenBatchedVL  # noqa: E402
 
 CLASSES = (  # first match wins; names as CUDA kernels (and, in a CPU dry run, aten ops) are called
@@ -111,19 +110,6 @@ def profile(fn, device: torch.device, steps: int) -> dict:
     }
 
 
-def median_ms(fn, device, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -157,7 +143,7 @@ def main(argv=None):
         row = {"target": f"step eager B={B}, {N} x {H}x{W}", **{k: p[k] for k in ("wall_ms", "device_ms", "kernels")}}
         if cuda:
             graph = model.feature_step(B, N, H, W, texts=text, max_text_tokens=16)  # a CUDA graph by default
-            row["graph_wall_ms"] = median_ms(lambda: graph(frames), device, 20)
+            row["graph_wall_ms"] = time_fn(lambda: graph(frames), device, warmup=3, reps=20)["median_s"] * 1e3
         rows.append({**row, **{f"{c['class']} ms": c["ms"] for c in p["classes"]},
                      **{f"{c['class']} kernels": c["kernels"] for c in p["classes"]}})
         tops["step"] = p
