@@ -25,7 +25,7 @@ from .text import TextModel, run_batch
 from .tp import setup as setup_tp
 from .validation import (check_budget, check_context, check_dtype, check_flag, check_generate_args,
                          checked_vision_inputs, resolve_eos, resolve_layers, row_seeds, validate_inputs)
-from .vision import VisionTransformer
+from .vision import VisionTransformer, align_mlp
 
 SHARE_PREFIX = True  # default of share_prefix: see bench/bench_prefix.py (README) for the measurements behind it
 
@@ -175,9 +175,16 @@ class QwenBatchedVL(nn.Module):
         if self.cfg.tie_word_embeddings and self.tp is None:  # under TP lm_head is a view of its vocab slice
             self.lm_head.weight = self.model.embed_tokens.weight
         self.eval().requires_grad_(False)
-        self.backend = resolve_backend(self.attn_backend, self.device, self.dtype)
+        self._adapt()
         self.processor = load_processor(processor_path, self.cfg)
         return self
+
+    def _adapt(self) -> None:
+        """What depends on the device and dtype, decided once: the attention backend, and the vision MLP width
+        (aligned to 64 units for the tensor cores in fp16/bf16 on CUDA, the config's width elsewhere)."""
+        self.backend = resolve_backend(self.attn_backend, self.device, self.dtype)
+        half = self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
+        align_mlp(self.visual, 64 if half else 1)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -189,10 +196,10 @@ class QwenBatchedVL(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     def _apply(self, fn, recurse=True):
-        """After ``.to()`` / ``.half()`` ...: re-resolve the attention backend and drop device-bound caches."""
+        """After ``.to()`` / ``.half()`` ...: adapt to the new device and dtype (``_adapt``), drop device-bound caches."""
         out = super()._apply(fn, recurse)
         if self.model.embed_tokens.weight.device.type != "meta":
-            self.backend = resolve_backend(self.attn_backend, self.device, self.dtype)
+            self._adapt()
             self.caches.clear()
         return out
 

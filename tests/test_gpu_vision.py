@@ -67,3 +67,26 @@ def test_fp32_cuda_parity(models):
     err = rel_err(ours.encode_images(pv, g), ref)
     print(f"fp32 CUDA vision vs reference: max rel {err:.2e}")
     assert err <= 1e-5
+
+
+@cuda
+def test_bf16_aligned_mlp_matches_reference():
+    """A tower whose MLP width is not a multiple of 8 (like the 3B/7B towers' 3420) runs padded to 64-unit
+    multiples in bf16 on CUDA, with the reference's accuracy."""
+    import dataclasses
+
+    from qwen_batched.config import tiny_config
+    from tests.helpers import make_hf_model
+
+    cfg = tiny_config()
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, intermediate_size=100)).validate()
+    hf32 = make_hf_model(cfg).cuda()
+    ours = QwenBatchedVL.from_hf(hf32, dtype=torch.bfloat16)
+    assert ours.visual.blocks[0].mlp.down_proj.weight.shape[1] == 128
+    pv, g = _inputs()
+    with torch.no_grad():
+        ref32 = hf32.model.visual(pv, grid_thw=g).pooler_output
+        ref16 = hf32.to(torch.bfloat16).model.visual(pv.bfloat16(), grid_thw=g).pooler_output
+    e_ref, e_ours = rel_err(ref16, ref32), rel_err(ours.encode_images(pv, g), ref32)
+    print(f"aligned bf16 vision: ref16 vs fp32 {e_ref:.2e}, ours vs fp32 {e_ours:.2e}")
+    assert e_ours <= 2 * e_ref + 1e-3

@@ -140,3 +140,23 @@ def test_bad_inputs(models):
         ours.encode_images(pv, g[:, :2])
     with pytest.raises(TypeError, match="pixel_values"):
         ours.encode_images(pv.numpy(), g)
+
+
+def test_mlp_alignment_adds_exact_zeros(models):
+    """align_mlp widens the MLPs with zero units (on CUDA in fp16/bf16, to 64-unit multiples): the tower's output
+    is unchanged; moving the model (``_apply``) on the CPU trims them back to the config's width."""
+    from qwen_batched.vision import align_mlp
+
+    _, ours = models
+    pv, g = _inputs([(1, 28, 28), (1, 20, 14)])
+    ref = ours.encode_images(pv, g)
+    before = {k: v.clone() for k, v in ours.visual.state_dict().items()}
+    width = ours.cfg.vision.intermediate_size
+    align_mlp(ours.visual, 96)  # 128 -> 192
+    mlp = ours.visual.blocks[0].mlp
+    assert mlp.gate_proj.weight.shape[0] == mlp.up_proj.bias.shape[0] == mlp.down_proj.weight.shape[1] == 192
+    assert rel_err(ours.encode_images(pv, g), ref) <= 1e-6
+    ours.float()  # on the CPU: the config's width again, the original values
+    after = ours.visual.state_dict()
+    assert mlp.gate_proj.weight.shape[0] == width
+    assert all(torch.equal(before[k], after[k]) for k in before)
