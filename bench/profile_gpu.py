@@ -14,6 +14,7 @@ Targets: ``step`` (B=1, 3 x 224x224, 16 text tokens, last layer), ``vit`` (16 x 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -24,8 +25,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_jobs import byte_processor  # noqa: E402
 from bench.bench_step import instruction, model_config  # noqa: E402
-from bench.common import header, markdown_table, sync, time_fn, write_json  # noqa: E402
+from bench.common import header, markdown_table, sync, time_fn, time_fns, write_json  # noqa: E402
 from qwen_batched import QwenBatchedVL  # noqa: E402
+from qwen_batched.vision import align_mlp  # noqa: E402
 
 CLASSES = (  # first match wins; names as CUDA kernels (and, in a CPU dry run, aten ops) are called
     ("attention", ("flash", "fmha", "attention", "varlen", "sdpa")),
@@ -153,7 +155,23 @@ def main(argv=None):
         batch = model.processor.preprocess_images(list(px), device=device)
         pv, grid = batch.pixel_values.to(dtype), batch.image_grid_thw
         p = profile(lambda: model.encode_images(pv, grid), device, args.steps)
-        rows.append({"target": f"vit {n} x 448x448", **{k: p[k] for k in ("wall_ms", "device_ms", "kernels")},
+        width = model.visual.blocks[0].mlp.down_proj.in_features
+        ab = {}
+        if width != cfg.vision.intermediate_size:  # the MLP alignment (vision.align_mlp) against none, interleaved
+            towers = {"aligned": model.visual, "config": copy.deepcopy(model.visual)}
+            align_mlp(towers["config"], 1)
+
+            def at(tower):
+                def run():
+                    model.visual = tower
+                    model.encode_images(pv, grid)
+                return run
+            t = time_fns({k: at(v) for k, v in towers.items()}, device, warmup=2, reps=6)
+            model.visual = towers["aligned"]
+            del towers
+            ab = {f"mlp {width} ms": t["aligned"]["median_s"] * 1e3,
+                  f"mlp {cfg.vision.intermediate_size} ms": t["config"]["median_s"] * 1e3}
+        rows.append({"target": f"vit {n} x 448x448", **ab, **{k: p[k] for k in ("wall_ms", "device_ms", "kernels")},
                      **{f"{c['class']} ms": c["ms"] for c in p["classes"]},
                      **{f"{c['class']} kernels": c["kernels"] for c in p["classes"]}})
         tops["vit"] = p
