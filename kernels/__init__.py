@@ -2,7 +2,7 @@
 from ._triton import HAS_TRITON, LAUNCH_ERRORS
 from .patchify import patchify, patchify_reference, resize_patchify
 from .rmsnorm import rms_norm, rms_norm_reference
-from .rotary import rotary_qk, rotary_qk_reference
+from .rotary import rope_qk, rope_qk_reference, rotary_qkv, rotary_qkv_reference
 
 __all__ = ["HAS_TRITON", "LAUNCH_ERRORS", "patchify", "patchify_reference", "resize_patchify", "rms_norm", "rms_norm_reference",
-           "rotary_qk", "rotary_qk_reference"]
+           "rope_qk", "rope_qk_reference", "rotary_qkv", "rotary_qkv_reference"]

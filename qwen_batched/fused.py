@@ -1,12 +1,13 @@
 """Fused Triton kernels on CUDA, with the torch reference everywhere else.
 
-The processor's resize + patchify kernels (``kernels/patchify.py``) share the switch below. RMSNorm and the vision
-rotary are memory-bound chains of small ops in eager torch (several float32 temporaries
-per call); on CUDA with triton each runs as one kernel with the reference's roundings. Under ``torch.compile``
-the torch reference is used (the compiler fuses it itself). A kernel that fails to build or launch
-(``LAUNCH_ERRORS``) switches the Triton path off for the process, with a warning; a kernel's own argument
-checks (ValueError/TypeError) and out-of-memory errors reach the caller. ``QWEN_BATCHED_TRITON=0`` switches the
-kernels off up front. The kernels are imported as ``qwen_batched.kernels`` only (installed from ``kernels/``).
+The processor's resize + patchify kernels (``kernels/patchify.py``) share the switch below. RMSNorm, the vision
+rotary and the decoder's M-RoPE are memory-bound chains of small ops in eager torch (several temporaries and
+launches per call, which bound a small batch's latency); on CUDA with triton each runs as one kernel with the
+reference's roundings. Under ``torch.compile`` the torch reference is used (the compiler fuses it itself). A
+kernel that fails to build or launch (``LAUNCH_ERRORS``) switches the Triton path off for the process, with a
+warning; a kernel's own argument checks (ValueError/TypeError) and out-of-memory errors reach the caller.
+``QWEN_BATCHED_TRITON=0`` switches the kernels off up front. The kernels are imported as ``qwen_batched.kernels``
+only (installed from ``kernels/``).
 """
 from __future__ import annotations
 
@@ -49,11 +50,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rmsnorm.rms_norm_reference(x, weight, eps)
 
 
-def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """qkv (N, 3, H, hd), cos/sin (N, hd) fp32 -> rotated q and k, (N, 2H, hd), rotation in fp32."""
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               copy_v: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv (N, 3, H, hd), cos/sin (N, hd) fp32 -> q, k (rotated in fp32, dense), v, each (N, H, hd).
+
+    ``copy_v``: v dense too (the CUDA varlen kernels want it; the kernel copies it in the same launch), else a
+    view of qkv (SDPA takes it as is).
+    """
     if _use_kernel(qkv):
         try:
-            return rotary.rotary_qk(qkv, cos, sin)
+            return rotary.rotary_qkv(qkv, cos, sin, copy_v)
         except LAUNCH_ERRORS as e:
             give_up("rotary", e)
-    return rotary.rotary_qk_reference(qkv, cos, sin)
+    return rotary.rotary_qkv_reference(qkv, cos, sin, copy_v)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """M-RoPE of q (..., T, H, hd) and k (..., T, Hkv, hd) with cos/sin (..., T, hd) in their dtype: one kernel
+    on CUDA, bit for bit ``apply_rope`` of each (which the compiler fuses itself under torch.compile)."""
+    if _use_kernel(q):
+        try:
+            return rotary.rope_qk(q, k, cos, sin)
+        except LAUNCH_ERRORS as e:
+            give_up("rope", e)
+    return rotary.rope_qk_reference(q, k, cos, sin)

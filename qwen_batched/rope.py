@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .layers import rotate_half
+from qwen_batched.kernels.rotary import rope_reference
 
 
 def inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
@@ -38,10 +38,7 @@ def mrope_cos_sin(position_ids: torch.Tensor, freqs: torch.Tensor, sections: tor
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (..., T, H, hd), cos/sin (..., T, hd) -> rotated x."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    return x * cos + rotate_half(x) * sin
+apply_rope = rope_reference  # x (..., T, H, hd), cos/sin (..., T, hd) -> x * cos + rotate_half(x) * sin
 
 
 def _item_offsets(input_ids, valid, token_id, grid_thw, interval, merge):

@@ -11,7 +11,7 @@ import torch.nn as nn
 from .attention import varlen_attention
 from .config import VisionConfig
 from .geometry import VisionGeometry
-from .fused import rotary_qk
+from .fused import rotary_qkv
 from .layers import RMSNorm, SwiGLU
 
 
@@ -25,11 +25,8 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos, sin, plan, backend: str) -> torch.Tensor:
         N, D = x.shape
         qkv = self.qkv(x).view(N, 3, self.n_heads, self.head_dim)
-        qk = rotary_qk(qkv, cos, sin)  # (N, 2H, hd): q and k rotated at once, in fp32
-        q, k = qk.view(N, 2, self.n_heads, self.head_dim).unbind(1)  # each (N, H, hd)
-        v = qkv[:, 2]
-        if backend != "sdpa":  # the CUDA varlen kernels want dense (N, H, hd)
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        # q, k rotated in fp32, each (N, H, hd); the CUDA varlen kernels want v dense too (copied in the same kernel)
+        q, k, v = rotary_qkv(qkv, cos, sin, copy_v=backend != "sdpa")
         o = varlen_attention(q, k, v, plan, backend)  # (N, H, hd)
         return self.proj(o.reshape(N, D))
 

@@ -1,4 +1,6 @@
-"""Fused RMSNorm and vision-rotary Triton kernels == their torch references (CUDA, or TRITON_INTERPRET=1)."""
+"""Fused RMSNorm and vision-rotary Triton kernels == their torch references (CUDA, or TRITON_INTERPRET=1).
+
+The decoder's M-RoPE kernel: test_kernels_rope.py."""
 from __future__ import annotations
 
 import os
@@ -11,7 +13,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 from qwen_batched.kernels.rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
-from qwen_batched.kernels.rotary import rotary_qk, rotary_qk_reference  # noqa: E402
+from qwen_batched.kernels.rotary import rotary_qkv, rotary_qkv_reference  # noqa: E402
 from qwen_batched.geometry import rotary_tables  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,27 +43,36 @@ def test_rms_norm_strided_input_and_errors():
         rms_norm(x, torch.ones(7, device=DEVICE), 1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("copy_v", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("heads,hd", [(16, 80), (4, 16), (3, 24)])
-def test_rotary_matches_reference(heads, hd, dtype):
+def test_rotary_matches_reference(heads, hd, dtype, copy_v):
     g = torch.Generator().manual_seed(1)
-    N = 24
+    N = 23
     qkv = torch.randn(N, 3 * heads * hd, generator=g).to(DEVICE, dtype).view(N, 3, heads, hd)
     rows, cols = torch.randint(0, 40, (N,), generator=g), torch.randint(0, 40, (N,), generator=g)
     cos, sin = (t.to(DEVICE) for t in rotary_tables(rows, cols, hd, 10000.0))
-    ours, ref = rotary_qk(qkv, cos, sin), rotary_qk_reference(qkv, cos, sin)
-    assert ours.shape == (N, 2 * heads, hd) and ours.dtype == dtype
-    if dtype == torch.float32:
-        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
-    else:  # fused multiply-adds may move a value across a bf16 rounding boundary
-        diff = (ours.float() - ref.float()).abs()
-        assert bool((diff <= 2 * torch.finfo(dtype).eps * ref.float().abs().clamp_min(1e-2)).all())
+    ours, ref = rotary_qkv(qkv, cos, sin, copy_v), rotary_qkv_reference(qkv, cos, sin, copy_v)
+    for o, r in zip(ours[:2], ref[:2]):  # q, k: dense, rotated in fp32 (no FMA contraction: bit for bit)
+        assert o.shape == (N, heads, hd) and o.dtype == dtype and o.is_contiguous() and r.is_contiguous()
+        assert torch.equal(o, r)
+    for v in (ours[2], ref[2]):  # v: qkv's, dense only when asked for (no copy otherwise)
+        assert torch.equal(v, qkv[:, 2]) and v.is_contiguous() == copy_v
+        assert (v.data_ptr() == qkv[:, 2].data_ptr()) != copy_v
+
+
+def test_rotary_no_rows():
+    qkv = torch.randn(0, 3, 2, 8, device=DEVICE)
+    q, k, v = rotary_qkv(qkv, torch.ones(0, 8, device=DEVICE), torch.ones(0, 8, device=DEVICE), True)
+    assert q.shape == k.shape == v.shape == (0, 2, 8)
 
 
 def test_rotary_rejects_bad_shapes():
     qkv = torch.randn(4, 3, 2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="expected cos/sin"):
+        rotary_qkv(qkv, torch.ones(4, 6, device=DEVICE), torch.ones(4, 6, device=DEVICE))
     with pytest.raises(ValueError, match="expected qkv"):
-        rotary_qk(qkv, torch.ones(4, 6, device=DEVICE), torch.ones(4, 6, device=DEVICE))
+        rotary_qkv(qkv[:, :2], torch.ones(4, 8, device=DEVICE), torch.ones(4, 8, device=DEVICE))
 
 
 def test_model_with_fused_kernels_matches_torch_path(monkeypatch):
@@ -76,12 +87,13 @@ def test_model_with_fused_kernels_matches_torch_path(monkeypatch):
     b = {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
     ref = m.extract_features(**b, layers=[-1])
     calls = []
-    orig_rms, orig_rot = fused.rmsnorm.rms_norm, fused.rotary.rotary_qk
+    orig_rms, orig_rot, orig_rope = fused.rmsnorm.rms_norm, fused.rotary.rotary_qkv, fused.rotary.rope_qk
     monkeypatch.setattr(fused, "_use_kernel", lambda x: True)
     monkeypatch.setattr(fused.rmsnorm, "rms_norm", lambda *a: calls.append("rms") or orig_rms(*a))
-    monkeypatch.setattr(fused.rotary, "rotary_qk", lambda *a: calls.append("rot") or orig_rot(*a))
+    monkeypatch.setattr(fused.rotary, "rotary_qkv", lambda *a: calls.append("rot") or orig_rot(*a))
+    monkeypatch.setattr(fused.rotary, "rope_qk", lambda *a: calls.append("rope") or orig_rope(*a))
     out = m.extract_features(**b, layers=[-1])
-    assert "rms" in calls and "rot" in calls
+    assert "rms" in calls and "rot" in calls and "rope" in calls
     valid = b["attention_mask"].bool()
     assert rel_err(out.hidden_states[0][valid], ref.hidden_states[0][valid]) <= 1e-5
     assert rel_err(out.vision_embeds, ref.vision_embeds) <= 1e-5
