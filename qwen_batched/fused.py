@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from qwen_batched.kernels import HAS_TRITON, LAUNCH_ERRORS, rmsnorm, rotary
+from qwen_batched.kernels import HAS_TRITON, LAUNCH_ERRORS, rmsnorm, rotary, swiglu
 from qwen_batched.kernels.patchify import patchify_reference, resize_patchify  # noqa: F401 (the processor's)
 
 _state = {"on": os.environ.get("QWEN_BATCHED_TRITON", "1") != "0"}
@@ -40,6 +40,42 @@ def give_up(name: str, err: Exception) -> None:
     warnings.warn(f"Triton {name} kernel failed ({type(err).__name__}: {err}); using the torch path from now on")
 
 
+# ---------------------------------------------------------------------------------------------- MLP and residual
+# The SwiGLU activation (silu, then mul: two launches and a temporary in eager torch) and the residual add in
+# front of a layer's second norm (add, then the norm kernel) each run as one kernel with torch's roundings.
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (..., H), silu rounded to the dtype before the product, as in eager torch."""
+    if _use_kernel(gate):
+        try:
+            return swiglu.silu_mul(_waited(gate), _waited(up))
+        except LAUNCH_ERRORS as e:
+            give_up("silu_mul", e)
+    return swiglu.silu_mul_reference(gate, up)
+
+
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, y) = (x + r, rms_norm(x + r)) for x, r (..., D): s is the residual stream, the same tensor values as
+    the plain add."""
+    if _use_kernel(x):
+        try:
+            return rmsnorm.add_rms_norm(_waited(x), _waited(r), weight, eps)
+        except LAUNCH_ERRORS as e:
+            give_up("add_rms_norm", e)
+    return rmsnorm.add_rms_norm_reference(x, r, weight, eps)
+
+
+def _waited(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or the waited result if it is tensor parallelism's all-reduce output (an AsyncCollectiveTensor: a
+    wrapper without storage, data_ptr 0, that waits only when a torch op reads it; a kernel reads memory)."""
+    if type(t) is torch.Tensor or not torch.distributed.is_available():
+        return t
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return t.wait() if isinstance(t, AsyncCollectiveTensor) else t
+
+
+# ---------------------------------------------------------------------------------------------- norm and rotary
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim: normalise in fp32, cast to x's dtype, scale by the weight."""
     if _use_kernel(x):

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .fused import rms_norm
+from .fused import add_rms_norm, rms_norm, silu_mul
 
 
 class RMSNorm(nn.Module):
@@ -19,6 +18,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
 
+    def add_and_norm(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + r, self(x + r)): a residual add and the norm after it, one kernel on CUDA."""
+        return add_rms_norm(x, r, self.weight, self.eps)
+
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); biases in the vision tower, none in the decoder."""
@@ -30,4 +33,4 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))  # silu and mul: one kernel on CUDA

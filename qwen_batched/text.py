@@ -55,8 +55,9 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False)
 
     def forward(self, x, cos, sin, attn: AttnFn, idx: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, attn, idx)
+        x, h = self.post_attention_layernorm.add_and_norm(x, a)  # x + a and its norm
+        return x + self.mlp(h)
 
 
 class TextModel(nn.Module):

@@ -40,8 +40,9 @@ class VisionBlock(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=True)
 
     def forward(self, x, cos, sin, plan, backend: str) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, plan, backend)
-        return x + self.mlp(self.norm2(x))
+        a = self.attn(self.norm1(x), cos, sin, plan, backend)
+        x, h = self.norm2.add_and_norm(x, a)  # x + a and its norm
+        return x + self.mlp(h)
 
 
 class PatchMerger(nn.Module):
