@@ -133,7 +133,8 @@ def test_rope_kernel_failure_falls_back_with_a_warning(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_model_with_rope_kernels_matches_torch_path(monkeypatch, dtype):
-    """Both rotary kernels on (interpreted on CPU), RMSNorm left to torch (its kernel sums in another order):
+    """Both rotary kernels on (interpreted on CPU), RMSNorm (alone and after the residual add) and the SwiGLU
+    activation left to torch (the norm kernels sum in another order, the float32 exp may differ in the last bit):
     hidden states, vision features and greedy tokens are the torch path's exactly. The decoder kernel runs in the
     prefill and in the decode steps."""
     from qwen_batched import QwenBatchedVL
@@ -150,6 +151,8 @@ def test_model_with_rope_kernels_matches_torch_path(monkeypatch, dtype):
     orig_rope, orig_rot = fused.rotary.rope_qk, fused.rotary.rotary_qkv
     monkeypatch.setattr(fused, "_use_kernel", lambda x: True)
     monkeypatch.setattr(fused.rmsnorm, "rms_norm", fused.rmsnorm.rms_norm_reference)
+    monkeypatch.setattr(fused.rmsnorm, "add_rms_norm", fused.rmsnorm.add_rms_norm_reference)
+    monkeypatch.setattr(fused.swiglu, "silu_mul", fused.swiglu.silu_mul_reference)
     monkeypatch.setattr(fused.rotary, "rope_qk", lambda q, *a: calls.append(("rope", q.shape)) or orig_rope(q, *a))
     monkeypatch.setattr(fused.rotary, "rotary_qkv", lambda *a: calls.append(("rot", None)) or orig_rot(*a))
     out_f = feats()
