@@ -1,9 +1,9 @@
 """Fused Triton kernels on CUDA, with the torch reference everywhere else.
 
-The processor's resize + patchify kernels (``kernels/patchify.py``) share the switch below. RMSNorm, the vision
-rotary and the decoder's M-RoPE are memory-bound chains of small ops in eager torch (several temporaries and
-launches per call, which bound a small batch's latency); on CUDA with triton each runs as one kernel with the
-reference's roundings. Under ``torch.compile`` the torch reference is used (the compiler fuses it itself). A
+The processor's resize + patchify kernels (``kernels/patchify.py``) share the switch below. RMSNorm (alone and
+with the residual add before it), the vision rotary, the decoder's M-RoPE and the SwiGLU activation are
+memory-bound chains of small ops in eager torch (several temporaries and launches per call, which bound a small
+batch's latency); on CUDA with triton each runs as one kernel with the reference's roundings. Under ``torch.compile`` the torch reference is used (the compiler fuses it itself). A
 kernel that fails to build or launch (``LAUNCH_ERRORS``) switches the Triton path off for the process, with a
 warning; a kernel's own argument checks (ValueError/TypeError) and out-of-memory errors reach the caller.
 ``QWEN_BATCHED_TRITON=0`` switches the kernels off up front. The kernels are imported as ``qwen_batched.kernels``
@@ -40,50 +40,32 @@ def give_up(name: str, err: Exception) -> None:
     warnings.warn(f"Triton {name} kernel failed ({type(err).__name__}: {err}); using the torch path from now on")
 
 
-# ---------------------------------------------------------------------------------------------- MLP and residual
-# The SwiGLU activation (silu, then mul: two launches and a temporary in eager torch) and the residual add in
-# front of a layer's second norm (add, then the norm kernel) each run as one kernel with torch's roundings.
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up (..., H), silu rounded to the dtype before the product, as in eager torch."""
-    if _use_kernel(gate):
+def _run(name: str, module, fn: str, *args):
+    """``module.<fn>`` (the Triton kernel) on CUDA when the kernels are on, else ``module.<fn>_reference``. A
+    kernel that cannot build or launch switches the kernels off (``give_up``) and the reference runs instead."""
+    if _use_kernel(args[0]):
         try:
-            return swiglu.silu_mul(_waited(gate), _waited(up))
-        except LAUNCH_ERRORS as e:
-            give_up("silu_mul", e)
-    return swiglu.silu_mul_reference(gate, up)
+            return getattr(module, fn)(*(_waited(a) for a in args))
+        except LAUNCH_ERRORS as e:  # build/launch failure on an unusual GPU or triton version
+            give_up(name, e)
+    return getattr(module, fn + "_reference")(*args)
 
 
-def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, y) = (x + r, rms_norm(x + r)) for x, r (..., D): s is the residual stream, the same tensor values as
-    the plain add."""
-    if _use_kernel(x):
-        try:
-            return rmsnorm.add_rms_norm(_waited(x), _waited(r), weight, eps)
-        except LAUNCH_ERRORS as e:
-            give_up("add_rms_norm", e)
-    return rmsnorm.add_rms_norm_reference(x, r, weight, eps)
-
-
-def _waited(t: torch.Tensor) -> torch.Tensor:
+def _waited(t):
     """``t``, or the waited result if it is tensor parallelism's all-reduce output (an AsyncCollectiveTensor: a
     wrapper without storage, data_ptr 0, that waits only when a torch op reads it; a kernel reads memory)."""
-    if type(t) is torch.Tensor or not torch.distributed.is_available():
-        return t
-    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+    if type(t) is not torch.Tensor and isinstance(t, torch.Tensor) and torch.distributed.is_available():
+        from torch.distributed._functional_collectives import AsyncCollectiveTensor
 
-    return t.wait() if isinstance(t, AsyncCollectiveTensor) else t
+        if isinstance(t, AsyncCollectiveTensor):
+            return t.wait()
+    return t
 
 
 # ---------------------------------------------------------------------------------------------- norm and rotary
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim: normalise in fp32, cast to x's dtype, scale by the weight."""
-    if _use_kernel(x):
-        try:
-            return rmsnorm.rms_norm(x, weight, eps)
-        except LAUNCH_ERRORS as e:  # build/launch failure on an unusual GPU or triton version
-            give_up("rms_norm", e)
-    return rmsnorm.rms_norm_reference(x, weight, eps)
+    return _run("rms_norm", rmsnorm, "rms_norm", x, weight, eps)
 
 
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -93,21 +75,26 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     ``copy_v``: v dense too (the CUDA varlen kernels want it; the kernel copies it in the same launch), else a
     view of qkv (SDPA takes it as is).
     """
-    if _use_kernel(qkv):
-        try:
-            return rotary.rotary_qkv(qkv, cos, sin, copy_v)
-        except LAUNCH_ERRORS as e:
-            give_up("rotary", e)
-    return rotary.rotary_qkv_reference(qkv, cos, sin, copy_v)
+    return _run("rotary", rotary, "rotary_qkv", qkv, cos, sin, copy_v)
 
 
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """M-RoPE of q (..., T, H, hd) and k (..., T, Hkv, hd) with cos/sin (..., T, hd) in their dtype: one kernel
     on CUDA, bit for bit ``apply_rope`` of each (which the compiler fuses itself under torch.compile)."""
-    if _use_kernel(q):
-        try:
-            return rotary.rope_qk(q, k, cos, sin)
-        except LAUNCH_ERRORS as e:
-            give_up("rope", e)
-    return rotary.rope_qk_reference(q, k, cos, sin)
+    return _run("rope", rotary, "rope_qk", q, k, cos, sin)
+
+
+# ---------------------------------------------------------------------------------------------- MLP and residual
+# The SwiGLU activation (silu, then mul: two launches and a temporary in eager torch) and the residual add in
+# front of a layer's second norm (add, then the norm kernel) each run as one kernel with torch's roundings.
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (..., H), silu rounded to the dtype before the product, as in eager torch."""
+    return _run("silu_mul", swiglu, "silu_mul", gate, up)
+
+
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, y) = (x + r, rms_norm(x + r)) for x, r (..., D): s is the residual stream, the same tensor values as
+    the plain add."""
+    return _run("add_rms_norm", rmsnorm, "add_rms_norm", x, r, weight, eps)

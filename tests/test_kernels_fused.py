@@ -99,18 +99,38 @@ def test_model_with_fused_kernels_matches_torch_path(monkeypatch):
     assert rel_err(out.vision_embeds, ref.vision_embeds) <= 1e-5
 
 
-def test_kernel_failure_falls_back_with_a_warning(monkeypatch):
+def _wrapper_args():
+    """name -> (kernel module attribute, wrapper arguments) for every kernel behind qwen_batched.fused."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE)
+    cos, sin = rotary_tables(torch.arange(6), torch.arange(6), 16, 1e4)
+    return {"rms_norm": ("rmsnorm", (r(4, 16), r(16), 1e-6)),
+            "add_rms_norm": ("rmsnorm", (r(4, 16), r(4, 16), r(16), 1e-6)),
+            "silu_mul": ("swiglu", (r(4, 16), r(4, 16))),
+            "rotary_qkv": ("rotary", (r(6, 3, 2, 16), cos.to(DEVICE), sin.to(DEVICE), True)),
+            "rope_qk": ("rotary", (r(6, 4, 16), r(6, 2, 16), r(6, 16), r(6, 16)))}
+
+
+@pytest.mark.parametrize("fn", ["rms_norm", "add_rms_norm", "silu_mul", "rotary_qkv", "rope_qk"])
+def test_kernel_failure_falls_back_with_a_warning(monkeypatch, fn):
+    """A kernel that cannot build or launch: a warning naming it, the torch reference's result, the kernels off."""
     import qwen_batched.fused as fused
 
     def broken(*a):
         raise RuntimeError("no kernel for this GPU")
+    module_name, args = _wrapper_args()[fn]
+    module = getattr(fused, module_name)
     monkeypatch.setattr(fused, "_use_kernel", lambda x: fused._state["on"])
     monkeypatch.setitem(fused._state, "on", True)
-    monkeypatch.setattr(fused.rmsnorm, "rms_norm", broken)
-    x, w = torch.randn(4, 16, device=DEVICE), torch.ones(16, device=DEVICE)
-    with pytest.warns(UserWarning, match="Triton rms_norm kernel failed"):
-        y = fused.rms_norm(x, w, 1e-6)
-    torch.testing.assert_close(y, fused.rmsnorm.rms_norm_reference(x, w, 1e-6))
+    monkeypatch.setattr(module, fn, broken)
+    name = {"rotary_qkv": "rotary", "rope_qk": "rope"}.get(fn, fn)
+    with pytest.warns(UserWarning, match=f"Triton {name} kernel failed"):
+        out = getattr(fused, fn)(*args)
+    ref = getattr(module, fn + "_reference")(*args)
+    for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (out, ref))):
+        assert torch.equal(a, b)
     assert fused._state["on"] is False
 
 

@@ -117,20 +117,6 @@ def test_rope_qk_reference_is_apply_rope():
     assert torch.equal(qr, apply_rope(q, cos, sin)) and torch.equal(kr, apply_rope(k, cos, sin))
 
 
-def test_rope_kernel_failure_falls_back_with_a_warning(monkeypatch):
-    def broken(*a):
-        raise RuntimeError("no kernel for this GPU")
-    monkeypatch.setattr(fused, "_use_kernel", lambda x: fused._state["on"])
-    monkeypatch.setitem(fused._state, "on", True)
-    monkeypatch.setattr(fused.rotary, "rope_qk", broken)
-    q, k = projection((2,), 5, 4, 2, 16, torch.float32)
-    cos, sin = tables((2,), 5, 16, torch.float32)
-    with pytest.warns(UserWarning, match="Triton rope kernel failed"):
-        qo, ko = fused.rope_qk(q, k, cos, sin)
-    assert torch.equal(qo, apply_rope(q, cos, sin)) and torch.equal(ko, apply_rope(k, cos, sin))
-    assert fused._state["on"] is False
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_model_with_rope_kernels_matches_torch_path(monkeypatch, dtype):
     """Both rotary kernels on (interpreted on CPU), RMSNorm (alone and after the residual add) and the SwiGLU
