@@ -9,7 +9,8 @@
 # Results land in bench/results/ and, when $OUT is set, are copied there too.
 #
 # quick, sized by arithmetic for the 3B shapes in bf16 (H100 ~ 0.99 PFLOP/s dense, 3.3 TB/s; H200 4.8 TB/s):
-#   tests     tiny models, ~40 Triton kernels JIT-compiled natively                       limit 200 s
+#   tests     tiny models, ~130 Triton kernel tests JIT-compiled natively (63 s before the  limit 260 s
+#             rope, SwiGLU and add-norm kernels)
 #   vit       64 x 448x448 = 65k patches x 32 blocks x ~2*0.67 GFLOP/patch ~ 88 TFLOP... per pass ~0.1-0.3 s;
 #             ours vs transformers' sdpa path, 1 warm-up + 5 interleaved reps each               limit 120 s
 #   features  B=8 x 4 cameras 224x224 (+ 32 text): 8 x 4 x 64 + 32 = 2.3k tokens x 3B x 2 FLOP ~ 14 TFLOP/pass;
@@ -25,7 +26,7 @@
 #             transformers; the compilation of 68 layers dominates                              limit 240 s
 #   prefix    16 images x k = 1, 5 questions, sharing on / off / transformers per sample    limit 100 s
 # Each part runs under its own `timeout`, so one hang cannot eat the rest; every part's exit code and seconds go
-# into the report. Worst case: quick 740 s, latency 460 s if every part hits its limit; expected quick ~4 min.
+# into the report. Worst case: quick 800 s, latency 460 s if every part hits its limit; expected quick ~4 min.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -82,9 +83,9 @@ quick() {
   local cfg vitcfg vitcase
   if [ "$DEVICE" = cuda ]; then cfg=3b; vitcfg=3b; vitcase="64 x 448x448"; else cfg=tiny; vitcfg=cpu-small; vitcase="8 x 448x448"; fi
   if [ "$DEVICE" = cuda ]; then
-    part tests 200 "$PY" -m pytest -q -rfE -s -p no:cacheprovider tests/test_gpu_vision.py tests/test_gpu_decoder.py \
-      tests/test_gpu_processor.py tests/test_kernels.py tests/test_kernels_fused.py tests/test_packed_paths.py \
-      tests/test_gpu_step.py
+    part tests 260 "$PY" -m pytest -q -rfE -s -p no:cacheprovider tests/test_gpu_vision.py tests/test_gpu_decoder.py \
+      tests/test_gpu_processor.py tests/test_kernels.py tests/test_kernels_fused.py tests/test_kernels_rope.py \
+      tests/test_kernels_mlp.py tests/test_packed_paths.py tests/test_gpu_step.py
   else
     part tests 200 "$PY" -m pytest -q -x tests/test_kernels_fused.py -k "argument_error or falls_back"
   fi
@@ -115,7 +116,8 @@ case "$MODE" in
   quick) quick || rc=$? ;;
   latency) latency || rc=$? ;;
   tests) "$PY" -m pytest -q -s tests/test_gpu_vision.py tests/test_gpu_decoder.py tests/test_gpu_processor.py \
-           tests/test_gpu_step.py tests/test_kernels.py tests/test_kernels_fused.py tests/test_processor.py || rc=$? ;;
+           tests/test_gpu_step.py tests/test_gpu_prefix.py tests/test_kernels.py tests/test_kernels_fused.py \
+           tests/test_kernels_rope.py tests/test_kernels_mlp.py tests/test_processor.py || rc=$? ;;
   deviation) PY="$PY" bash bench/test_deviation.sh --device cuda --config 3b || rc=$? ;;
   speed) PY="$PY" bash bench/test_speed.sh --device cuda || rc=$? ;;
   all) "$0" tests || rc=$?; "$0" deviation || rc=$?; "$0" speed || rc=$? ;;
