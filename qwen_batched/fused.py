@@ -4,8 +4,8 @@ The processor's resize + patchify kernels (``kernels/patchify.py``) share the sw
 with the residual add before it), the vision rotary, the decoder's M-RoPE and the SwiGLU activation are
 memory-bound chains of small ops in eager torch (several temporaries and launches per call, which bound a small
 batch's latency); on CUDA with triton each runs as one kernel with the reference's roundings. Under ``torch.compile`` the torch reference is used (the compiler fuses it itself). A
-kernel that fails to build or launch (``LAUNCH_ERRORS``) switches the Triton path off for the process, with a
-warning; a kernel's own argument checks (ValueError/TypeError) and out-of-memory errors reach the caller.
+kernel that fails to build or launch (``LAUNCH_ERRORS``) is switched off for the process, with a warning (the
+other kernels stay on); a kernel's own argument checks (ValueError/TypeError) and out-of-memory errors reach the caller.
 ``QWEN_BATCHED_TRITON=0`` switches the kernels off up front. The kernels are imported as ``qwen_batched.kernels``
 only (installed from ``kernels/``).
 """
@@ -19,12 +19,13 @@ import torch
 from qwen_batched.kernels import HAS_TRITON, LAUNCH_ERRORS, rmsnorm, rotary, swiglu
 from qwen_batched.kernels.patchify import patchify_reference, resize_patchify  # noqa: F401 (the processor's)
 
-_state = {"on": os.environ.get("QWEN_BATCHED_TRITON", "1") != "0"}
+_state = {"on": os.environ.get("QWEN_BATCHED_TRITON", "1") != "0", "failed": set()}
 
 
-def kernels_enabled() -> bool:
-    """Whether the Triton kernels may run (triton imports, not switched off, none has failed yet)."""
-    return HAS_TRITON and _state["on"]
+def kernels_enabled(name: str | None = None) -> bool:
+    """Whether the Triton kernels may run (triton imports, not switched off); with ``name``, whether that kernel
+    has not failed in this process."""
+    return HAS_TRITON and _state["on"] and name not in _state["failed"]
 
 
 def _use_kernel(x: torch.Tensor) -> bool:
@@ -32,18 +33,20 @@ def _use_kernel(x: torch.Tensor) -> bool:
 
 
 def give_up(name: str, err: Exception) -> None:
-    """A kernel failed to build or launch: switch the Triton path off for the process, with a warning.
-    Anything else (an argument check's ValueError, out of memory) is re-raised."""
+    """Kernel ``name`` failed to build or launch: switch it off for the process, with a warning (one kernel that
+    a GPU or triton version cannot build costs only its own speed). Anything else (an argument check's
+    ValueError, out of memory) is re-raised."""
     if not isinstance(err, LAUNCH_ERRORS) or isinstance(err, torch.cuda.OutOfMemoryError):
         raise err
-    _state["on"] = False
-    warnings.warn(f"Triton {name} kernel failed ({type(err).__name__}: {err}); using the torch path from now on")
+    _state["failed"].add(name)
+    warnings.warn(f"Triton {name} kernel failed ({type(err).__name__}: {err}); using the torch path for it from "
+                  "now on")
 
 
 def _run(name: str, module, fn: str, *args):
     """``module.<fn>`` (the Triton kernel) on CUDA when the kernels are on, else ``module.<fn>_reference``. A
-    kernel that cannot build or launch switches the kernels off (``give_up``) and the reference runs instead."""
-    if _use_kernel(args[0]):
+    kernel that cannot build or launch is switched off (``give_up``) and the reference runs instead."""
+    if name not in _state["failed"] and _use_kernel(args[0]):
         try:
             return getattr(module, fn)(*(_waited(a) for a in args))
         except LAUNCH_ERRORS as e:  # build/launch failure on an unusual GPU or triton version

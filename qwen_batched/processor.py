@@ -283,7 +283,7 @@ class BatchedImageProcessor:
         mean, std = self._norm(frames.device, scale)
         kw = dict(patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size, merge_size=self.merge_size)
         grid = [math.ceil(f / self.temporal_patch_size), g.size[0] // self.patch_size, g.size[1] // self.patch_size]
-        use_triton = self.use_triton if self.use_triton is not None else (kernels_enabled() and frames.is_cuda)
+        use_triton = self.use_triton if self.use_triton is not None else (kernels_enabled("resize_patchify") and frames.is_cuda)
         if use_triton:
             taps = [self.resize_tables.taps(src, dst, frames.device) if src != dst else None
                     for src, dst in ((height, g.size[0]), (width, g.size[1]))]

@@ -302,7 +302,7 @@ class FeatureStep:
         x = frames.reshape(n, 1, 3, self.height, self.width)
         proc = self.model.processor
         resized = self._bands is not None
-        if proc.use_triton if proc.use_triton is not None else (kernels_enabled() and frames.is_cuda):
+        if proc.use_triton if proc.use_triton is not None else (kernels_enabled("resize_patchify") and frames.is_cuda):
             try:
                 return resize_patchify(x, mean, std, height_taps=self._taps[0], width_taps=self._taps[1],
                                        round_uint8=uint8 and resized, **self._patch_kw)

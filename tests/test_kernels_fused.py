@@ -115,15 +115,20 @@ def _wrapper_args():
 
 @pytest.mark.parametrize("fn", ["rms_norm", "add_rms_norm", "silu_mul", "rotary_qkv", "rope_qk"])
 def test_kernel_failure_falls_back_with_a_warning(monkeypatch, fn):
-    """A kernel that cannot build or launch: a warning naming it, the torch reference's result, the kernels off."""
+    """A kernel that cannot build or launch: a warning naming it, the torch reference's result; that kernel is
+    off from then on (not called again), the others stay on."""
     import qwen_batched.fused as fused
 
+    calls = []
+
     def broken(*a):
+        calls.append(1)
         raise RuntimeError("no kernel for this GPU")
     module_name, args = _wrapper_args()[fn]
     module = getattr(fused, module_name)
     monkeypatch.setattr(fused, "_use_kernel", lambda x: fused._state["on"])
     monkeypatch.setitem(fused._state, "on", True)
+    monkeypatch.setitem(fused._state, "failed", set())
     monkeypatch.setattr(module, fn, broken)
     name = {"rotary_qkv": "rotary", "rope_qk": "rope"}.get(fn, fn)
     with pytest.warns(UserWarning, match=f"Triton {name} kernel failed"):
@@ -131,7 +136,9 @@ def test_kernel_failure_falls_back_with_a_warning(monkeypatch, fn):
     ref = getattr(module, fn + "_reference")(*args)
     for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (out, ref))):
         assert torch.equal(a, b)
-    assert fused._state["on"] is False
+    getattr(fused, fn)(*args)  # no second attempt, no second warning
+    assert calls == [1] and fused._state["failed"] == {name}
+    assert not fused.kernels_enabled(name) and fused.kernels_enabled("resize_patchify")
 
 
 def test_kernel_argument_error_reaches_the_caller(monkeypatch):
@@ -141,6 +148,7 @@ def test_kernel_argument_error_reaches_the_caller(monkeypatch):
     monkeypatch.setattr(fused, "_use_kernel", lambda x: fused._state["on"])
     monkeypatch.setitem(fused._state, "on", True)
     x = torch.randn(4, 16, device=DEVICE)
+    monkeypatch.setitem(fused._state, "failed", set())
     with pytest.raises(ValueError, match="weight must have shape"):
         fused.rms_norm(x, torch.ones(8, device=DEVICE), 1e-6)
-    assert fused._state["on"] is True
+    assert fused._state["on"] is True and not fused._state["failed"]

@@ -155,12 +155,13 @@ def test_fused_policy_argument_errors_and_collectives(monkeypatch):
 
     monkeypatch.setattr(fused, "_use_kernel", lambda x: fused._state["on"])
     monkeypatch.setitem(fused._state, "on", True)
+    monkeypatch.setitem(fused._state, "failed", set())
     x, r, w = randn(4, 16), randn(4, 16, seed=1), torch.ones(16, device=DEVICE)
     with pytest.raises(ValueError, match="up must match gate"):
         fused.silu_mul(x, randn(4, 8))
     with pytest.raises(ValueError, match="weight must be"):
         fused.add_rms_norm(x, r, torch.ones(8, device=DEVICE), 1e-6)
-    assert fused._state["on"] is True
+    assert fused._state["on"] is True and not fused._state["failed"]
     seen = []
     orig = fused.rmsnorm.add_rms_norm
     monkeypatch.setattr(fused.rmsnorm, "add_rms_norm", lambda *a: seen.extend(map(type, a[:2])) or orig(*a))
