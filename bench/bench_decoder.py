@@ -138,8 +138,19 @@ def bench_generation(hf, ours, args, device, dtype):
     def run_hf_single():
         return [hf.generate(**hf_kwargs(hf, s), max_new_tokens=n_new, do_sample=False) for s in singles]
 
+    def run_ours_eager():  # the decode step without its CUDA graph (the default before graphs), same run
+        from qwen_batched import generation
+
+        keep, generation.GRAPH_MIN_NEW_TOKENS = generation.GRAPH_MIN_NEW_TOKENS, 10 ** 9
+        try:
+            return run_ours()
+        finally:
+            generation.GRAPH_MIN_NEW_TOKENS = keep
+
     match = (run_ours() == run_hf()).float().mean().item()
     impls = [("ours", run_ours), ("hf batched", run_hf)]
+    if device.type == "cuda" and not args.compile:
+        impls.insert(1, ("ours, eager decode", run_ours_eager))
     if not (args.skip_per_sample or args.skip_per_sample_generation):
         impls.append(("hf per sample", run_hf_single))
     return _rows(f"generation (B=32, 448x448, {n_new} new)", 32, impls, args, device,

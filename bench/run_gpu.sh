@@ -16,7 +16,8 @@
 #   features  B=8 x 4 cameras 224x224 (+ 32 text): 8 x 4 x 64 + 32 = 2.3k tokens x 3B x 2 FLOP ~ 14 TFLOP/pass;
 #             tiny; the model build (3B random init on the GPU, ~7 GB) dominates              limit 150 s
 #   generate  B=32 x 64 new tokens: 64 decode steps reading 7 GB of weights ~ 64 x 2-3 ms + prefill of 32 x 270
-#             tokens; transformers' generate ~3-5x slower; 6 runs each                            limit 180 s
+#             tokens; ours (decode step in a CUDA graph), ours with an eager decode step, transformers'
+#             generate; 6 runs each (1.69 s / 2.65 s for eager / transformers on the H200)           limit 180 s
 #   step      the real-time feature step: eager, in a CUDA graph, extract_features, transformers  limit 90 s
 #
 # latency, for the real-time step after quick (fits the rest of a 15-minute device budget):

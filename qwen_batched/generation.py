@@ -2,7 +2,9 @@
 
 The cache is compact: row b keeps its n_b real prompt tokens at [0, n_b) (pads dropped), and decode step j
 writes at n_b + j. A step therefore has static shapes (cache (B, Hkv, S, hd), index tensors, a length mask),
-which suits torch.compile / CUDA graphs; ``StaticDecoder`` is that step as a module.
+which suits torch.compile / CUDA graphs; ``StaticDecoder`` is that step as a module. On CUDA the eager step is
+replayed as one captured CUDA graph (``CapturedStep``): a decode step at batch 32 is a few hundred small kernels,
+so without a graph the GPU waits on their launches.
 
 Positions of new tokens follow the reference ``generate``: new token j sits at the (t, h, w) position of the
 row's last prompt token + 1 + j (the same as ``rope_deltas`` + n_prompt + j whenever the prompt ends in text).
@@ -179,6 +181,43 @@ class StaticDecoder(nn.Module):
         return self.lm_head(h[:, 0]).float()
 
 
+class CapturedStep:
+    """The eager ``StaticDecoder`` step replayed as one CUDA graph over static input buffers.
+
+    Captured on the first call with that call's inputs, after two warm-up runs on a side stream: a step is
+    idempotent (run again, it writes the same k/v to the same cache slots), so the warm-up changes nothing. Later
+    calls copy their inputs into the buffers and replay; each replay overwrites ``logits`` (callers clone it).
+    """
+
+    def __init__(self, dec: StaticDecoder):
+        self.dec, self.graph = dec, None
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, write_idx: torch.Tensor) -> torch.Tensor:
+        args = (tokens, positions, write_idx)
+        if self.graph is None:
+            self.inputs = tuple(a.clone() for a in args)
+            stream = torch.cuda.current_stream(tokens.device)
+            side = torch.cuda.Stream(tokens.device)
+            side.wait_stream(stream)
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.dec(*self.inputs)
+            stream.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self.dec(*self.inputs)
+            self.graph = graph
+        else:
+            for buf, a in zip(self.inputs, args):
+                buf.copy_(a)
+        self.graph.replay()
+        return self.logits
+
+
+# a captured step costs about three eager steps (two warm-ups and the capture); fewer decode steps run eagerly
+GRAPH_MIN_NEW_TOKENS = 6
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 _M1, _M2 = -4658895280553007687, -7723592293110705685  # splitmix64 multipliers, as signed int64
 _GOLDEN = -7046029254386353131
@@ -221,13 +260,23 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, s
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def _decode_fns(model, batch: int, length: int, compile: bool):
-    """(eager StaticDecoder, compiled step or None). With ``compile`` the decoder and its cache are kept in
-    ``model.caches.decode`` and reused while (batch, cache length, dtype, device) stay the same, so the graph is
-    built once."""
-    cfg, caches = model.cfg.text, model.caches
+def _decode_mode(model, compile: bool, max_new_tokens: int) -> str:
+    """'compiled' (torch.compile, CUDA graphs on a GPU), 'graph' (the eager step captured: CUDA, one process,
+    enough steps to pay for the capture) or 'eager'."""
     if compile:
-        key = (batch, length, model.dtype, str(model.device))
+        return "compiled"
+    if model.device.type == "cuda" and model.tp is None and max_new_tokens >= GRAPH_MIN_NEW_TOKENS:
+        return "graph"
+    return "eager"
+
+
+def _decode_fns(model, batch: int, length: int, mode: str):
+    """(eager StaticDecoder, the step to run: compiled / captured, or None for eager). The compiled and captured
+    steps are kept in ``model.caches.decode`` with their cache and reused while (mode, batch, cache length, dtype,
+    device) stay the same, so a graph is built once."""
+    cfg, caches = model.cfg.text, model.caches
+    if mode != "eager":
+        key = (mode, batch, length, model.dtype, str(model.device))
         kept = caches.decode
         if kept is not None and kept[0] == key:
             dec, step = kept[1], kept[2]
@@ -238,11 +287,14 @@ def _decode_fns(model, batch: int, length: int, compile: bool):
     n_kv = model.model.layers[0].self_attn.n_kv  # this rank's KV heads under tensor parallelism
     cache = KVCache(cfg.num_hidden_layers, batch, n_kv, length, cfg.head_dim, model.device, model.dtype)
     dec = StaticDecoder(model.model, model.lm_head, cache, caches.rope(model.device))
-    if not compile:
+    if mode == "eager":
         return dec, None
-    for t in cache.k + cache.v:
-        torch._dynamo.mark_static_address(t)
-    step = torch.compile(dec, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    if mode == "graph":
+        step = CapturedStep(dec)
+    else:
+        for t in cache.k + cache.v:
+            torch._dynamo.mark_static_address(t)
+        step = torch.compile(dec, mode="reduce-overhead", fullgraph=True, dynamic=False)
     caches.decode = (key, dec, step)
     return dec, step
 
@@ -263,9 +315,10 @@ def generate_tokens(model, embeds: torch.Tensor, position_ids: torch.Tensor, val
     B, L, _ = embeds.shape
     dev = embeds.device
     S = L + max_new_tokens
-    if compile:  # fewer distinct shapes -> fewer recompiles
-        S = -(-S // 256) * 256
-    dec, step_fn = _decode_fns(model, B, S, compile)
+    mode = _decode_mode(model, compile, max_new_tokens)
+    if mode != "eager" or dev.type == "cuda":  # fewer distinct shapes -> fewer recompiles / captures (and on
+        S = -(-S // 256) * 256                # CUDA the same attention length with or without a graph)
+    dec, step_fn = _decode_fns(model, B, S, mode)
     cache = dec.cache
     if prefill is None:
         last_h, _ = run_batch(model.model, embeds, position_ids, valid, rope=model.caches.rope(dev),
@@ -297,7 +350,8 @@ def generate_tokens(model, embeds: torch.Tensor, position_ids: torch.Tensor, val
                 logits = step_fn(*args).clone()
                 continue
             except Exception as e:  # compile/graph failure: eager from here on (the step is idempotent)
-                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); running eager")
+                what = "torch.compile of" if mode == "compiled" else "CUDA graph capture of"
+                warnings.warn(f"{what} the decode step failed ({type(e).__name__}: {e}); running eager")
                 step_fn = None
                 model.caches.decode = None
         logits = dec(*args)

@@ -194,3 +194,20 @@ def test_sampling_does_not_depend_on_batching(models, batch):
     assert torch.equal(same_int, m.generate(**inputs, **kw, seed=5, max_batch_tokens=L + N_NEW).sequences)
     with pytest.raises(ValueError, match="one per row"):
         m.generate(**inputs, **kw, seed=[1, 2])
+
+
+def test_decode_mode_policy():
+    """The decode step is captured as a CUDA graph on CUDA (one process, enough new tokens to pay for the
+    capture), compiled when asked, eager otherwise (the capture itself: tests/test_gpu_decoder.py)."""
+    from types import SimpleNamespace
+
+    from qwen_batched.generation import GRAPH_MIN_NEW_TOKENS, _decode_mode
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    n = GRAPH_MIN_NEW_TOKENS
+    assert _decode_mode(SimpleNamespace(device=gpu, tp=None), False, n) == "graph"
+    assert _decode_mode(SimpleNamespace(device=gpu, tp=None), False, n - 1) == "eager"
+    assert _decode_mode(SimpleNamespace(device=gpu, tp=object()), False, 64) == "eager"
+    assert _decode_mode(SimpleNamespace(device=cpu, tp=None), False, 64) == "eager"
+    assert _decode_mode(SimpleNamespace(device=cpu, tp=None), True, 64) == "compiled"
+    assert _decode_mode(SimpleNamespace(device=gpu, tp=None), True, 64) == "compiled"

@@ -71,3 +71,25 @@ def test_compiled_decode_on_gpu_equals_eager(setup):
     eager = ours.generate(**inputs, max_new_tokens=8, eos_token_id=[])
     compiled = ours.generate(**inputs, max_new_tokens=8, eos_token_id=[], compile=True)
     assert (compiled.sequences == eager.sequences).float().mean().item() >= 0.95
+
+
+@cuda
+def test_captured_decode_equals_eager(setup, monkeypatch):
+    """On CUDA the eager decode step is replayed as one CUDA graph: the same kernels, so the same tokens (greedy and
+    sampled), and the graph is kept for the next call of the same shape."""
+    import warnings
+
+    from qwen_batched import generation
+
+    d, *_, b = setup
+    ours = QwenBatchedVL.from_pretrained(d, device="cuda", dtype=torch.bfloat16)
+    inputs = dict(model_inputs(b), pixel_values=b["pixel_values"].bfloat16())
+    kw = [dict(max_new_tokens=12, eos_token_id=[]), dict(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture would warn and run eagerly
+        graph = [ours.generate(**inputs, **k) for k in kw]
+    assert ours.caches.decode[0][0] == "graph" and ours.caches.decode[2].graph is not None
+    monkeypatch.setattr(generation, "GRAPH_MIN_NEW_TOKENS", 10 ** 9)
+    eager = [ours.generate(**inputs, **k) for k in kw]
+    for g, e in zip(graph, eager):
+        assert torch.equal(g.sequences, e.sequences) and torch.equal(g.lengths, e.lengths)
