@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, for a CUDA machine without network access (torch, transformers, triton present).
-#   bash bench/run_gpu.sh quick       # ~8 min on an H100/H200: CUDA tests, then the headline speed rows (3B shapes)
+#   bash bench/run_gpu.sh quick       # ~6 min on an H100/H200: CUDA tests, the headline speed rows, a profile (3B)
 #   bash bench/run_gpu.sh tests       # CUDA tests + kernel tests, prints the bf16 numbers (-s)
 #   bash bench/run_gpu.sh deviation   # deviation report, 3B shapes, bf16 and fp32
 #   bash bench/run_gpu.sh speed       # full speed report, 3B and 7B shapes, bf16
-#   bash bench/run_gpu.sh latency     # ~6 min: device-time profile, compiled step, shared prefixes (3B shapes)
+#   bash bench/run_gpu.sh latency     # ~6 min: shared prefixes, compiled step (3B shapes)
 #   bash bench/run_gpu.sh quick --device cpu   # dry run of quick's control flow on a CPU, tiny shapes
 # Results land in bench/results/ and, when $OUT is set, are copied there too.
 #
@@ -19,15 +19,15 @@
 #             tokens; ours (decode step in a CUDA graph), ours with an eager decode step, transformers'
 #             generate; 6 runs each (1.69 s / 2.65 s for eager / transformers on the H200)           limit 180 s
 #   step      the real-time feature step: eager, in a CUDA graph, extract_features, transformers  limit 90 s
+#   profile   kernels per call and device time per kernel class: the step (B=1, 3 x 224x224) eager and its graph
+#             replay, the vision tower on 16 x 448x448 (its aligned MLP against the config's width) limit 100 s
 #
 # latency, for the real-time step after quick (fits the rest of a 15-minute device budget):
-#   profile   kernels per step and device time per kernel class: the step (B=1, 3 x 224x224) eager and its graph
-#             replay, the vision tower on 16 x 448x448; our model only                          limit 120 s
 #   prefix    16 images x k = 1, 5 questions, sharing on / off / transformers per sample    limit 100 s
 #   compiled  bench_step case (a), B=1: eager / graph / compiled (inductor, captured) / extract_features /
 #             transformers; the cold compilation of 68 layers dominates                        limit 300 s
 # Each part runs under its own `timeout`, so one hang cannot eat the rest; every part's exit code and seconds go
-# into the report. Worst case: quick 800 s, latency 520 s if every part hits its limit; expected quick ~4 min.
+# into the report. Worst case: quick 900 s, latency 400 s if every part hits its limit; expected quick ~6 min.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -97,13 +97,14 @@ quick() {
   part generate 180 "$PY" bench/bench_decoder.py --device "$DEVICE" --config "$cfg" --only generation --skip-per-sample \
     --json "$TMP/decoder-generation-$cfg.json"
   part step 90 "$PY" bench/bench_step.py --device "$DEVICE" --config "$cfg" --quick --json "$TMP/step-$cfg.json"
+  part profile 100 "$PY" bench/profile_gpu.py --device "$DEVICE" --config "$vitcfg" --steps 3 \
+    --json "$TMP/profile-$cfg.json"
   report quick- "bash bench/run_gpu.sh quick --device $DEVICE"
 }
 
 latency() {
   local cfg=3b stepcfg=3b images=16
   if [ "$DEVICE" != cuda ]; then cfg=cpu-small; stepcfg=cpu-small; images=2; fi
-  part profile 120 "$PY" bench/profile_gpu.py --device "$DEVICE" --config "$cfg" --json "$TMP/profile-$cfg.json"
   part prefix 100 "$PY" bench/bench_prefix.py --device "$DEVICE" --config "$cfg" --images "$images" --k 1,5 --reps 3 \
     --json "$TMP/prefix-$cfg.json"
   # last: a cold inductor compilation of 68 layers may take minutes; what came before is kept if it runs out
