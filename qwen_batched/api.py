@@ -540,6 +540,7 @@ class QwenBatchedVL(nn.Module):
         if self.tp is not None:  # the other ranks are inside this sub-batch's collectives: they cannot follow
             raise RuntimeError("a sub-batch ran out of device memory under tensor parallelism, where a rank cannot "
                                "retry alone; pass a smaller max_batch_tokens")
+        self.caches.decode = None  # a kept decode step's KV cache (and CUDA graph pool)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

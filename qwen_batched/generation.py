@@ -273,7 +273,8 @@ def _decode_mode(model, compile: bool, max_new_tokens: int) -> str:
 def _decode_fns(model, batch: int, length: int, mode: str):
     """(eager StaticDecoder, the step to run: compiled / captured, or None for eager). The compiled and captured
     steps are kept in ``model.caches.decode`` with their cache and reused while (mode, batch, cache length, dtype,
-    device) stay the same, so a graph is built once."""
+    device) stay the same, so a graph is built once; a captured step whose cache would hold more than an eighth of
+    the device's memory between calls is built for its call only."""
     cfg, caches = model.cfg.text, model.caches
     if mode != "eager":
         key = (mode, batch, length, model.dtype, str(model.device))
@@ -291,6 +292,9 @@ def _decode_fns(model, batch: int, length: int, mode: str):
         return dec, None
     if mode == "graph":
         step = CapturedStep(dec)
+        held = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+        if held > torch.cuda.get_device_properties(model.device).total_memory // 8:
+            return dec, step
     else:
         for t in cache.k + cache.v:
             torch._dynamo.mark_static_address(t)
