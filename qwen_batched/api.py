@@ -294,7 +294,7 @@ class QwenBatchedVL(nn.Module):
         image or a row's mask has holes. One device read brings the ids and a few pixel values of each image;
         images whose ids and values agree are then fingerprinted in full (a second read, only then)."""
         lay = batch.layout
-        if sum(n > 0 for n in lay.images_per_row) < 2 or list(lay.n_real) != lay.lengths:
+        if sum(n > 0 for n in lay.images_per_row) < 2 or lay.run_starts is None:
             return None  # (a mask with holes inside a row: the rows run unshared)
         pv, grids, ids = batch.pixel_values, lay.image_grids, batch.input_ids
         idx = torch.from_numpy(probe_index(grids, pv.shape[1])).to(pv.device)  # (n_images, PROBES)
@@ -356,7 +356,7 @@ class QwenBatchedVL(nn.Module):
                                        sub.layout.lengths, **kw)
             else:
                 _, states = run_batch(self.model, x.embeds, x.position_ids, x.valid, lengths=list(sub.layout.n_real),
-                                      **kw)
+                                      starts=sub.layout.run_starts, **kw)
             states = [F.pad(states[i], (0, 0, lo, L - hi)) for i in layers]
             return rows, states, x.vision_embeds, x.video_embeds
 
@@ -439,7 +439,7 @@ class QwenBatchedVL(nn.Module):
             row_seed = seeds[rows[0]:rows[-1] + 1] if rows == list(range(rows[0], rows[-1] + 1)) else \
                 seeds[torch.tensor(rows, device=seeds.device)]
             seqs, n_new = generate_tokens(
-                self, x.embeds, x.position_ids, x.valid, lengths=list(sub.layout.n_real),
+                self, x.embeds, x.position_ids, x.valid, lengths=list(sub.layout.n_real), starts=sub.layout.run_starts,
                 max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
                 eos_ids=eos_ids, pad_id=self.cfg.pad_token_id, seeds=row_seed, compile=compile,
                 sync_every=4 if self.device.type == "cuda" else 1, prefill=prefill)

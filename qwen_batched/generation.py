@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,10 +36,14 @@ class KVCache:
     def length(self) -> int:
         return self.k[0].shape[2]
 
-    def prompt_sink(self, valid: torch.Tensor):
-        """A ``run_batch`` sink writing each row's real prompt tokens to [0, n_b). valid: (B, L) bool."""
-        rows, _ = valid.nonzero(as_tuple=True)
-        cols = (valid.long().cumsum(1) - 1)[valid]  # compact column of each real token
+    def prompt_sink(self, lengths: list[int]):
+        """A ``run_batch`` sink writing each row's n_b real prompt tokens (host ``lengths``) to [0, n_b), built on
+        the host: the sink receives the real tokens in (batch, seq) order."""
+        n = np.asarray(lengths, dtype=np.int64)
+        rows = np.repeat(np.arange(len(n)), n)
+        cols = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)  # compact column of each real token
+        dev = self.k[0].device
+        rows, cols = (torch.from_numpy(a).to(dev, non_blocking=True) for a in (rows, cols))
 
         def sink(idx: int, k: torch.Tensor, v: torch.Tensor) -> None:  # k, v: (T, Hkv, hd)
             self.k[idx][rows, :, cols] = k
@@ -307,10 +312,12 @@ def _decode_fns(model, batch: int, length: int, mode: str):
 def generate_tokens(model, embeds: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor, *,
                     lengths: list[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                     eos_ids: Sequence[int], pad_id: int, seeds: torch.Tensor, compile: bool = False,
+                    starts: list[int] | None = None,
                     sync_every: int = 1, prefill: Callable[[KVCache], torch.Tensor] | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill then decode. embeds (B, L, D), position_ids (3, B, L), valid (B, L) bool, lengths: real tokens
-    per row (host), seeds (B,) int64 per-row sampling seeds. ``prefill(cache)``, if given, replaces the one
+    per row (host), starts: each row's first real column when no row has masked holes (host; see
+    ``text.run_batch``), seeds (B,) int64 per-row sampling seeds. ``prefill(cache)``, if given, replaces the one
     padded prefill: it fills each row's n_b prompt tokens into cache slots [0, n_b) and returns the state at each
     row's last prompt token (B, D) (e.g. ``prefix.run_shared``).
 
@@ -326,7 +333,7 @@ def generate_tokens(model, embeds: torch.Tensor, position_ids: torch.Tensor, val
     cache = dec.cache
     if prefill is None:
         last_h, _ = run_batch(model.model, embeds, position_ids, valid, rope=model.caches.rope(dev),
-                              backend=model.backend, lengths=lengths, sink=cache.prompt_sink(valid))
+                              backend=model.backend, lengths=lengths, starts=starts, sink=cache.prompt_sink(lengths))
     else:
         last_h = prefill(cache)
     logits = model.lm_head(last_h).float()  # (B, V)

@@ -35,6 +35,12 @@ class BatchLayout:
         """Real span of each row (last - first + 1): what the row costs in a padded batch."""
         return [b - a + 1 for a, b in zip(self.first, self.last)]
 
+    @property
+    def run_starts(self) -> list[int] | None:
+        """Each row's first real column when every row's real tokens are one run (no masked holes, the usual
+        case), else None: the real tokens can then be indexed from host numbers alone."""
+        return list(self.first) if list(self.n_real) == self.lengths else None
+
     def span(self, rows: Sequence[int]) -> tuple[int, int]:
         """Columns [lo, hi) that hold a real token of at least one of ``rows``."""
         return min(self.first[r] for r in rows), max(self.last[r] for r in rows) + 1

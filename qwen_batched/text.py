@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -100,15 +101,16 @@ def _merge_heads(o: torch.Tensor) -> torch.Tensor:
 class PaddedAttention:
     """SDPA over a padded batch: causal plus key-padding mask; optionally fills a compact KV cache.
 
-    mask: (B, 1, L, L) bool from ``padded_mask``. q (B, L, H, hd), k/v (B, L, Hkv, hd).
+    mask: (B, 1, L, L) bool from ``padded_mask``. q (B, L, H, hd), k/v (B, L, Hkv, hd). tok: (T,) flat indices
+    of the real tokens (``real_tokens``), for the sink.
     """
 
-    def __init__(self, mask: torch.Tensor, sink: Callable | None = None, valid: torch.Tensor | None = None):
-        self.mask, self.sink, self.valid = mask, sink, valid
+    def __init__(self, mask: torch.Tensor, sink: Callable | None = None, tok: torch.Tensor | None = None):
+        self.mask, self.sink, self.tok = mask, sink, tok
 
     def __call__(self, idx, q, k, v):
-        if self.sink is not None:  # the cache keeps only real tokens, in order
-            self.sink(idx, k[self.valid], v[self.valid])
+        if self.sink is not None:  # the cache keeps only real tokens, in order (an index: no read per layer)
+            self.sink(idx, k.flatten(0, 1)[self.tok], v.flatten(0, 1)[self.tok])
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=self.mask, enable_gqa=q.shape[-2] != k.shape[-2])
         return _merge_heads(o.transpose(1, 2))
@@ -136,6 +138,20 @@ class PackedAttention:
 
 
 # ---------------------------------------------------------------------------------------------- batch forward
+def real_tokens(valid: torch.Tensor, lengths: list[int] | None = None,
+                starts: list[int] | None = None) -> torch.Tensor:
+    """(T,) long: flat (batch, seq) indices of the real tokens of ``valid`` (B, L), in order. Built on the host,
+    without reading the device, from each row's first real column (``starts``) and real-token count
+    (``lengths``) when the caller knows every row's real tokens are one run; else one read of the mask."""
+    if starts is None or lengths is None:
+        return valid.flatten().nonzero().squeeze(1)
+    n = np.asarray(lengths, dtype=np.int64)
+    row = np.repeat(np.arange(len(n)), n)  # (T,)
+    within = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    idx = row * valid.shape[1] + np.repeat(np.asarray(starts, dtype=np.int64), n) + within
+    return torch.from_numpy(idx).to(valid.device, non_blocking=True)
+
+
 def last_index(valid: torch.Tensor) -> torch.Tensor:
     """valid (B, L) bool -> (B,) index of each row's last real token."""
     return valid.shape[1] - 1 - valid.flip(1).int().argmax(1)
@@ -143,36 +159,39 @@ def last_index(valid: torch.Tensor) -> torch.Tensor:
 
 def run_batch(text: TextModel, h: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor, *,
               rope: tuple[torch.Tensor, torch.Tensor], backend: str = "sdpa", lengths: list[int] | None = None,
-              depth: int | None = None, keep: Iterable[int] = (), final_norm: bool = True,
-              sink: Callable | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+              starts: list[int] | None = None, depth: int | None = None, keep: Iterable[int] = (),
+              final_norm: bool = True, sink: Callable | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Decoder over a padded batch.
 
     h: (B, L, D) input embeddings; position_ids: (3, B, L); valid: (B, L) bool; rope: (inverse frequencies,
     section index) from ``ModelCaches.rope``. backend: 'sdpa' (padded, masked SDPA) or 'flash' / 'torch_varlen'
-    (real tokens packed, causal varlen; ``lengths`` = real tokens per row, known on the host).
+    (real tokens packed, causal varlen; ``lengths`` = real tokens per row, known on the host). ``starts``: each
+    row's first real column, when the host knows the rows have no masked holes (the real tokens are then indexed
+    without reading the device).
     sink(layer, k, v): receives each layer's rotated k/v of the real tokens, (T, Hkv, hd) in (batch, seq) order.
     Returns (last (B, D): state at each row's last real token, {index: (B, L, D) state, zero at pads}).
     """
     cos, sin = mrope_cos_sin(position_ids, *rope, h.dtype)  # (B, L, hd)
     B, L, D = h.shape
+    tok = real_tokens(valid, lengths, starts) if backend in PACKED_BACKENDS or sink is not None else None
     if backend in PACKED_BACKENDS:
         try:
-            return _run_packed(text, h, cos, sin, valid, backend, lengths, depth, keep, final_norm, sink)
+            return _run_packed(text, h, cos, sin, valid, tok, backend, lengths, depth, keep, final_norm, sink)
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError as e:  # e.g. a GPU the varlen kernel does not support: padded SDPA instead
             warnings.warn(f"packed {backend} prefill failed ({e}); using padded SDPA")
-    attn = PaddedAttention(padded_mask(valid), sink, valid)
+    attn = PaddedAttention(padded_mask(valid), sink, tok)
     out, states = text(h, cos, sin, attn, depth=depth, keep=keep, final_norm=final_norm)
     pad = ~valid[..., None]
     rows = torch.arange(B, device=h.device)
     return out[rows, last_index(valid)], {i: x.masked_fill(pad, 0) for i, x in states.items()}
 
 
-def _run_packed(text, h, cos, sin, valid, backend, lengths, depth, keep, final_norm, sink):
-    """run_batch with the real tokens packed into (T, D) and causal varlen attention."""
+def _run_packed(text, h, cos, sin, valid, tok, backend, lengths, depth, keep, final_norm, sink):
+    """run_batch with the real tokens packed into (T, D) (tok: their (T,) flat indices) and causal varlen
+    attention."""
     B, L, D = h.shape
-    tok = valid.flatten().nonzero().squeeze(1)  # (T,) real tokens in (batch, seq) order
     if lengths is None:
         lengths = valid.sum(1).tolist()
     plan = VarlenPlan.build(lengths, h.device, backend)

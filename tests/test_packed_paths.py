@@ -86,3 +86,41 @@ def test_torch_varlen_without_window_size_uses_is_causal(monkeypatch):
     with pytest.raises(ValueError, match="bidirectional"):
         attention.varlen_attention(q, k, v, attention.VarlenPlan.build([6, 4], torch.device("cpu"), "sdpa"), "sdpa",
                                    causal=True)
+
+
+def _varlen_without_reads(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """The varlen contract as one masked SDPA over all tokens (block-diagonal, causal on request): no host reads."""
+    T = q.shape[0]
+    pos = torch.arange(T, device=q.device)
+    seg = torch.searchsorted(cu_q[1:].long(), pos, right=True)
+    mask = seg[:, None] == seg[None, :]
+    if window_size == (-1, 0):
+        mask &= pos[None, :] <= pos[:, None]
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                       scale=scale)
+    return o.transpose(0, 1)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "torch_varlen"])
+def test_prefill_indexes_real_tokens_without_reads(setup, backend, monkeypatch):
+    """Rows without masked holes: the prefill (padded or packed) and the KV-cache fill index the real tokens from
+    the host layout: no nonzero / boolean-mask reads (on a GPU each is a sync; the padded sink once made one per
+    layer). What remains: validation, the stop checks and the outputs."""
+    from tests.host_reads import count_host_reads
+
+    model, batch = setup
+    monkeypatch.setattr(attention, "_torch_varlen", _varlen_without_reads)
+    monkeypatch.setattr(attention, "_VARLEN_KW", {"scale", "window_size", "enable_gqa"})
+    monkeypatch.setattr(model, "backend", backend)
+    ref = model.generate(**batch, max_new_tokens=4, eos_token_id=[], share_prefix=False)
+    model.caches.clear()
+    try:
+        with count_host_reads() as c:
+            feats = model.extract_features(**batch, share_prefix=False)
+            out = model.generate(**batch, max_new_tokens=4, eos_token_id=[], share_prefix=False)
+    finally:
+        model.caches.clear()
+    assert not [r for r in c.calls if r in ("nonzero", "__getitem__[bool mask]", "__setitem__[bool mask]")], c.calls
+    assert torch.equal(out.sequences, ref.sequences) and len(feats.hidden_states) == model.cfg.text.num_hidden_layers + 1

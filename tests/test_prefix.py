@@ -238,7 +238,7 @@ def test_prefill_on_cache_continues_a_prompt(models):
                     m.device, m.dtype)
     cols = torch.arange(e.embeds.shape[1])
     head = cols[None] < torch.tensor(cut)[:, None]
-    run_batch(text, e.embeds, e.position_ids, head, rope=rope, sink=cache.prompt_sink(head))
+    run_batch(text, e.embeds, e.position_ids, head, rope=rope, sink=cache.prompt_sink(head.sum(1).tolist()))
     # the rest, left-aligned, positions from rope_index over the new ids only (text: start = last position + 1)
     T = max(n - c for n, c in zip(lengths, cut))
     idx = torch.tensor([[min(c + j, n - 1) for j in range(T)] for n, c in zip(lengths, cut)])
