@@ -406,9 +406,10 @@ class QwenBatchedVL(nn.Module):
         seed, never on the other rows of the batch or on ``max_batch_tokens`` splits; None draws a base seed from
         torch's global generator. eos_token_id: None = the checkpoint's EOS ids, an int or a list overrides, []
         never stops. A row stops after its EOS (later slots hold the pad id); the loop ends when all rows have
-        stopped. On CUDA the decode step is captured once as a CUDA graph and replayed (from 6 new tokens on, one
-        process); compile=True runs it through torch.compile instead (fused kernels, CUDA graphs; minutes to
-        build). Either falls back to eager, with a warning, if it cannot be built. max_batch_tokens caps rows x (longest prompt + max_new_tokens) per sub-batch, as in
+        stopped. On CUDA the decode step is captured as a CUDA graph and replayed once rows are still running a
+        few steps in and enough steps are left to pay for the capture (one process; the graph is kept for the next
+        call of the same shape); compile=True runs it through torch.compile instead (fused kernels, CUDA graphs;
+        minutes to build). Either falls back to eager, with a warning, if it cannot be built. max_batch_tokens caps rows x (longest prompt + max_new_tokens) per sub-batch, as in
         ``extract_features``. share_prefix as in ``extract_features``: shared prefixes are prefilled once, each
         row's remainder on top, then decoding as usual (the same tokens).
         """

@@ -219,8 +219,22 @@ class CapturedStep:
         return self.logits
 
 
-# a captured step costs about three eager steps (two warm-ups and the capture); fewer decode steps run eagerly
-GRAPH_MIN_NEW_TOKENS = 6
+CUDA_GRAPHS = True  # False: the decode step always runs eagerly (for comparisons and debugging)
+# a capture costs about three eager steps (two warm-ups, then the replay of the captured step); it waits until a
+# stop check has seen rows still running and at least this many steps are left, so short answers never pay it
+CAPTURE_MIN_STEPS = 6
+
+
+def _use_step(mode: str, step, j: int, steps_left: int, sync_every: int) -> bool:
+    """Whether decode step ``j`` (``steps_left`` steps to go, this one included) runs through the compiled or
+    captured ``step`` instead of eagerly: always when compiled or already captured (a graph kept from an earlier
+    call of the same shape); a new capture once a stop check has passed (j >= sync_every - 1) and enough steps
+    are left to pay for it."""
+    if step is None:
+        return False
+    if mode == "compiled" or step.graph is not None:
+        return True
+    return j >= sync_every - 1 and steps_left >= CAPTURE_MIN_STEPS
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -265,12 +279,12 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, s
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def _decode_mode(model, compile: bool, max_new_tokens: int) -> str:
-    """'compiled' (torch.compile, CUDA graphs on a GPU), 'graph' (the eager step captured: CUDA, one process,
-    enough steps to pay for the capture) or 'eager'."""
+def _decode_mode(model, compile: bool) -> str:
+    """'compiled' (torch.compile, CUDA graphs on a GPU), 'graph' (the eager step captured when it pays: CUDA, one
+    process) or 'eager'."""
     if compile:
         return "compiled"
-    if model.device.type == "cuda" and model.tp is None and max_new_tokens >= GRAPH_MIN_NEW_TOKENS:
+    if CUDA_GRAPHS and model.device.type == "cuda" and model.tp is None:
         return "graph"
     return "eager"
 
@@ -326,7 +340,7 @@ def generate_tokens(model, embeds: torch.Tensor, position_ids: torch.Tensor, val
     B, L, _ = embeds.shape
     dev = embeds.device
     S = L + max_new_tokens
-    mode = _decode_mode(model, compile, max_new_tokens)
+    mode = _decode_mode(model, compile)
     if mode != "eager" or dev.type == "cuda":  # fewer distinct shapes -> fewer recompiles / captures (and on
         S = -(-S // 256) * 256                # CUDA the same attention length with or without a graph)
     dec, step_fn = _decode_fns(model, B, S, mode)
@@ -355,7 +369,7 @@ def generate_tokens(model, embeds: torch.Tensor, position_ids: torch.Tensor, val
         if j == max_new_tokens - 1 or ((j + 1) % sync_every == 0 and bool(done.all())):
             break
         args = (tok, last + 1 + j, n_prompt + j)  # new token j sits right after the prompt's last position
-        if step_fn is not None:
+        if _use_step(mode, step_fn, j, max_new_tokens - 1 - j, sync_every):
             try:
                 torch.compiler.cudagraph_mark_step_begin()
                 logits = step_fn(*args).clone()

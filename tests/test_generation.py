@@ -196,18 +196,27 @@ def test_sampling_does_not_depend_on_batching(models, batch):
         m.generate(**inputs, **kw, seed=[1, 2])
 
 
-def test_decode_mode_policy():
-    """The decode step is captured as a CUDA graph on CUDA (one process, enough new tokens to pay for the
-    capture), compiled when asked, eager otherwise (the capture itself: tests/test_gpu_decoder.py)."""
+def test_decode_mode_policy(monkeypatch):
+    """The decode step is captured as a CUDA graph on CUDA (one process), compiled when asked, eager otherwise; a
+    capture waits for a stop check that saw rows still running and for enough steps left to pay for it, and a
+    graph kept from an earlier call runs from the first step (the capture itself: tests/test_gpu_decoder.py)."""
     from types import SimpleNamespace
 
-    from qwen_batched.generation import GRAPH_MIN_NEW_TOKENS, _decode_mode
+    from qwen_batched import generation
+    from qwen_batched.generation import CAPTURE_MIN_STEPS, _decode_mode, _use_step
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
-    n = GRAPH_MIN_NEW_TOKENS
-    assert _decode_mode(SimpleNamespace(device=gpu, tp=None), False, n) == "graph"
-    assert _decode_mode(SimpleNamespace(device=gpu, tp=None), False, n - 1) == "eager"
-    assert _decode_mode(SimpleNamespace(device=gpu, tp=object()), False, 64) == "eager"
-    assert _decode_mode(SimpleNamespace(device=cpu, tp=None), False, 64) == "eager"
-    assert _decode_mode(SimpleNamespace(device=cpu, tp=None), True, 64) == "compiled"
-    assert _decode_mode(SimpleNamespace(device=gpu, tp=None), True, 64) == "compiled"
+    assert _decode_mode(SimpleNamespace(device=gpu, tp=None), False) == "graph"
+    assert _decode_mode(SimpleNamespace(device=gpu, tp=object()), False) == "eager"
+    assert _decode_mode(SimpleNamespace(device=cpu, tp=None), False) == "eager"
+    assert _decode_mode(SimpleNamespace(device=cpu, tp=None), True) == "compiled"
+    assert _decode_mode(SimpleNamespace(device=gpu, tp=None), True) == "compiled"
+    monkeypatch.setattr(generation, "CUDA_GRAPHS", False)
+    assert _decode_mode(SimpleNamespace(device=gpu, tp=None), False) == "eager"
+
+    new, kept = SimpleNamespace(graph=None), SimpleNamespace(graph=object())
+    n = CAPTURE_MIN_STEPS
+    assert not _use_step("eager", None, 5, 50, 4)
+    assert _use_step("compiled", new, 0, 1, 4) and _use_step("graph", kept, 0, 1, 4)
+    assert not _use_step("graph", new, 2, 50, 4)  # no stop check yet: all rows may be done already
+    assert _use_step("graph", new, 3, n, 4) and not _use_step("graph", new, 3, n - 1, 4)
