@@ -21,7 +21,7 @@ import torch
 from ._triton import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
-    from .rounding import cast_rne
+    from .rounding import cast_rne, to_f32
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -55,8 +55,8 @@ if HAS_TRITON:
         d = tl.arange(0, BLOCK_D)[None, :]
         mask = (h < 2 * HEADS) & (d < HALF)
         src = QKV + n * stride_qkv + h * hd + d
-        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+        x1 = to_f32(tl.load(src, mask=mask, other=0.0))
+        x2 = to_f32(tl.load(src + HALF, mask=mask, other=0.0))
         dmask = d < HALF
         c1 = tl.load(COS + n * stride_cs + d, mask=dmask, other=0.0)
         c2 = tl.load(COS + n * stride_cs + HALF + d, mask=dmask, other=0.0)
@@ -115,7 +115,7 @@ if HAS_TRITON:
     @triton.jit
     def _round(x, DT: tl.constexpr):
         """float32 ``x`` rounded to ``DT`` as an eager torch op's result is, back in float32."""
-        return cast_rne(x, DT).to(tl.float32)
+        return to_f32(cast_rne(x, DT))
 
     @triton.jit
     def _rope_heads(X, stride_h, OUT, rows, HEADS, c1, c2, s1, s2, HALF,
@@ -127,8 +127,8 @@ if HAS_TRITON:
         d = tl.arange(0, BLOCK_D)[None, None, :]
         mask = rows & (h < HEADS) & (d < HALF)
         src = X + h * stride_h + d
-        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+        x1 = to_f32(tl.load(src, mask=mask, other=0.0))
+        x2 = to_f32(tl.load(src + HALF, mask=mask, other=0.0))
         # x * cos + rotate_half(x) * sin: each product rounded to DT, then their sum
         y1 = _round(x1 * c1, DT) + _round(-x2 * s1, DT)
         y2 = _round(x2 * c2, DT) + _round(x1 * s2, DT)
@@ -148,10 +148,10 @@ if HAS_TRITON:
         cmask = rows & (d < HALF)
         cs = COS + (b * sc_b + t * sc_t)[:, None, None] + d  # (BLOCK_T, 1, BLOCK_D)
         sn = SIN + (b * ss_b + t * ss_t)[:, None, None] + d
-        c1 = tl.load(cs, mask=cmask, other=0.0).to(tl.float32)
-        c2 = tl.load(cs + HALF, mask=cmask, other=0.0).to(tl.float32)
-        s1 = tl.load(sn, mask=cmask, other=0.0).to(tl.float32)
-        s2 = tl.load(sn + HALF, mask=cmask, other=0.0).to(tl.float32)
+        c1 = to_f32(tl.load(cs, mask=cmask, other=0.0))
+        c2 = to_f32(tl.load(cs + HALF, mask=cmask, other=0.0))
+        s1 = to_f32(tl.load(sn, mask=cmask, other=0.0))
+        s2 = to_f32(tl.load(sn + HALF, mask=cmask, other=0.0))
         _rope_heads(Q + (b * sq_b + t * sq_t)[:, None, None], sq_h, QO + (n * HQ * 2 * HALF)[:, None, None], rows,
                     HQ, c1, c2, s1, s2, HALF, BLOCK_HQ, BLOCK_D)
         _rope_heads(K + (b * sk_b + t * sk_t)[:, None, None], sk_h, KO + (n * HK * 2 * HALF)[:, None, None], rows,

@@ -47,6 +47,16 @@ def check(q, k, cos, sin):
     return qo, ko
 
 
+def test_rope_qk_bf16_subnormals():
+    """bf16 inputs and products in the subnormal range go through the kernel as through torch (the loads widen
+    bf16 on the bits: the interpreter's own conversion garbles subnormals)."""
+    q, k = projection((1,), 6, 4, 2, 16, torch.float32)
+    q, k = (q * 1e-38).to(torch.bfloat16), (k * 1e-39).to(torch.bfloat16)
+    assert (q.float().abs() < torch.finfo(torch.bfloat16).tiny).any()
+    cos, sin = tables((1,), 6, 16, torch.bfloat16)
+    check(q, k, cos, sin)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("hd", [8, 16, 64, 80, 128])
 @pytest.mark.parametrize("H,Hkv", [(4, 2), (4, 4)])
