@@ -27,7 +27,8 @@
 #   compiled  bench_step case (a), B=1: eager / graph / compiled (inductor, captured) / extract_features /
 #             transformers; the cold compilation of 68 layers dominates                        limit 300 s
 # Each part runs under its own `timeout`, so one hang cannot eat the rest; every part's exit code and seconds go
-# into the report. Worst case: quick 900 s, latency 400 s if every part hits its limit; expected quick ~6 min.
+# into the report, which is rewritten (and copied to $OUT) after every part: a run stopped from outside keeps
+# what finished. Worst case: quick 900 s, latency 400 s if every part hits its limit; expected quick ~6 min.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -56,15 +57,23 @@ fi
 
 TMP=$(mktemp -d)
 : > "$TMP/parts.tsv"
-part() {  # part NAME LIMIT_S COMMAND...: run under its own time limit, record the exit code and seconds
+REPORT_PREFIX="" REPORT_CMD=""  # set by a mode that writes a report
+part() {  # part NAME LIMIT_S COMMAND...: run under its own time limit, record the exit code and seconds, then
+  # rewrite the report and copy it out, so that a run stopped from outside still returns every finished part
   local name=$1 limit=$2 start rc; shift 2
   echo "=== $name (limit ${limit}s): $*" >&2
   start=$(date +%s)
   timeout --kill-after=10 "$limit" "$@"
   rc=$?
   printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$TMP/parts.tsv"
+  if [ -n "$REPORT_PREFIX" ]; then report > "$TMP/report.log" 2>&1; copy_out; fi
 }
-report() {  # report PREFIX COMMAND: the parts table + every part's JSON -> bench/results/PREFIX<device>-<date>.*
+copy_out() {  # only what this run wrote (the device tool brings back a few files)
+  if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT/results" && find bench/results -type f -newer /tmp/run_gpu.start -exec cp {} "$OUT/results/" \;
+  fi
+}
+report() {  # the parts table + every part's JSON -> bench/results/<REPORT_PREFIX><device>-<date>.*
   "$PY" - "$TMP" <<'PYEOF'
 import csv, json, os, sys
 sys.path.insert(0, os.getcwd())
@@ -75,13 +84,15 @@ rows = [{"part": n, "exit_code": int(rc), "seconds": int(s)} for n, rc, s in csv
 dev = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0" else "cpu")
 json.dump({"meta": header(dev), "rows": rows}, open(f"{tmp}/parts.json", "w"), indent=2)
 PYEOF
-  "$PY" bench/report.py --inputs "$TMP" --out bench/results --device "$DEVICE" --prefix "$1" --command "$2"
+  "$PY" bench/report.py --inputs "$TMP" --out bench/results --device "$DEVICE" --prefix "$REPORT_PREFIX" \
+    --command "$REPORT_CMD"
   cat "$TMP/parts.tsv"
   ! awk -F'\t' '$2 != 0 {bad=1} END {exit !bad}' "$TMP/parts.tsv"
 }
 
 quick() {
   local cfg vitcfg vitcase
+  REPORT_PREFIX=quick- REPORT_CMD="bash bench/run_gpu.sh quick --device $DEVICE"
   if [ "$DEVICE" = cuda ]; then cfg=3b; vitcfg=3b; vitcase="64 x 448x448"; else cfg=tiny; vitcfg=cpu-small; vitcase="8 x 448x448"; fi
   if [ "$DEVICE" = cuda ]; then
     part tests 260 "$PY" -m pytest -q -rfE -s -p no:cacheprovider tests/test_gpu_vision.py tests/test_gpu_decoder.py \
@@ -99,18 +110,19 @@ quick() {
   part step 90 "$PY" bench/bench_step.py --device "$DEVICE" --config "$cfg" --quick --json "$TMP/step-$cfg.json"
   part profile 100 "$PY" bench/profile_gpu.py --device "$DEVICE" --config "$vitcfg" --steps 3 \
     --json "$TMP/profile-$cfg.json"
-  report quick- "bash bench/run_gpu.sh quick --device $DEVICE"
+  report
 }
 
 latency() {
   local cfg=3b stepcfg=3b images=16
+  REPORT_PREFIX=latency- REPORT_CMD="bash bench/run_gpu.sh latency --device $DEVICE"
   if [ "$DEVICE" != cuda ]; then cfg=cpu-small; stepcfg=cpu-small; images=2; fi
   part prefix 100 "$PY" bench/bench_prefix.py --device "$DEVICE" --config "$cfg" --images "$images" --k 1,5 --reps 3 \
     --json "$TMP/prefix-$cfg.json"
   # last: a cold inductor compilation of 68 layers may take minutes; what came before is kept if it runs out
   part compiled 300 "$PY" bench/bench_step.py --device "$DEVICE" --config "$stepcfg" --cases a --batches 1 \
     --json "$TMP/step-$cfg.json"
-  report latency- "bash bench/run_gpu.sh latency --device $DEVICE"
+  report
 }
 
 rc=0
@@ -126,7 +138,5 @@ case "$MODE" in
   all) "$0" tests || rc=$?; "$0" deviation || rc=$?; "$0" speed || rc=$? ;;
   *) echo "usage: $0 [quick|latency|tests|deviation|speed|all] [--device cuda|cpu]" >&2; exit 2 ;;
 esac
-if [ -n "${OUT:-}" ]; then  # only what this run wrote (the device tool brings back a few files)
-  mkdir -p "$OUT/results" && find bench/results -type f -newer /tmp/run_gpu.start -exec cp {} "$OUT/results/" \;
-fi
+copy_out
 exit $rc
