@@ -134,7 +134,8 @@ class QwenBatchedVL(nn.Module):
         """Wrap a loaded ``Qwen2_5_VLForConditionalGeneration``, sharing its tensors (no copy).
 
         The tensors are shared when they already have ``dtype`` (None: their own, which must then be one dtype);
-        others are converted to ``dtype`` (copies). transformers 5 builds a model from the published config with
+        others are converted to ``dtype`` (copies), and in fp16/bf16 on CUDA the vision MLP's are padded copies
+        (``vision.align_mlp``). transformers 5 builds a model from the published config with
         the text model in bf16 and the vision tower in fp32: such a mixed model is a ValueError without ``dtype=``,
         never silently upcast.
         """
