@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_jobs import byte_processor, byte_vocab_config  # noqa: E402
 from bench.bench_vit import CPU_SMALL  # noqa: E402
-from bench.common import header, markdown_table, sync, write_json  # noqa: E402
+from bench.common import header, markdown_table, run_settings, sync, write_json  # noqa: E402
 from qwen_batched import ModelConfig, QwenBatchedVL  # noqa: E402
 from tests.helpers import hf_config_dict  # noqa: E402
 
@@ -152,12 +152,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = torch.device(a.device)
+    device, name, dtype = run_settings(a.device, a.config, threads=a.threads)
     cuda = device.type == "cuda"
-    name = a.config or ("3b" if cuda else "cpu-small")
-    dtype = torch.bfloat16 if cuda else torch.float32
     n_images = a.images or (32 if cuda else 4)
     bs = a.batch_size or (60 if cuda else 15)
     ours, hf = build(name, device, dtype, need_hf=not a.skip_hf)

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_jobs import byte_processor, byte_vocab_config  # noqa: E402
 from bench.bench_vit import CPU_SMALL  # noqa: E402
-from bench.common import header, markdown_table, sync, time_fns, write_json  # noqa: E402
+from bench.common import header, markdown_table, run_settings, sync, time_fns, write_json  # noqa: E402
 from qwen_batched import QwenBatchedVL  # noqa: E402
 from qwen_batched.config import ModelConfig, tiny_config  # noqa: E402
 from tests.helpers import hf_config_dict  # noqa: E402
@@ -180,12 +180,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device, config, dtype = run_settings(args.device, args.config, args.dtype, args.threads)
     cuda = device.type == "cuda"
-    config = args.config or ("3b" if cuda else "cpu-small")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     if args.model:
         config = args.model
     hf, ours = build(None if args.model else model_config(config), device, dtype, args.hf_attn, args.model)

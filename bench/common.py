@@ -16,6 +16,18 @@ import torch
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
 
 
+def run_settings(device: str, config: str | None = None, dtype: str | None = None,
+                 threads: int | None = None) -> tuple[torch.device, str, torch.dtype]:
+    """(device, preset, dtype) with the benchmarks' defaults: the 3B shapes in bf16 on CUDA, the small
+    real-geometry config in float32 on a CPU; ``threads`` sets torch's CPU threads."""
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    return (dev, config or ("3b" if cuda else "cpu-small"),
+            getattr(torch, dtype) if dtype else (torch.bfloat16 if cuda else torch.float32))
+
+
 def sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

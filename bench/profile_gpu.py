@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_jobs import byte_processor  # noqa: E402
 from bench.bench_step import instruction, model_config  # noqa: E402
-from bench.common import header, markdown_table, sync, time_fn, time_fns, write_json  # noqa: E402
+from bench.common import header, markdown_table, run_settings, sync, time_fn, time_fns, write_json  # noqa: E402
 from qwen_batched import QwenBatchedVL  # noqa: E402
 from qwen_batched.vision import align_mlp  # noqa: E402
 
@@ -123,10 +123,8 @@ def main(argv=None):
                                                                  "(default 16 CUDA, 2 CPU)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    device, config, dtype = run_settings(args.device, args.config)
     cuda = device.type == "cuda"
-    config = args.config or ("3b" if cuda else "cpu-small")
-    dtype = torch.bfloat16 if cuda else torch.float32
     cfg = model_config(config)
     t0 = time.perf_counter()
     model = QwenBatchedVL.from_config(cfg, device=device, dtype=dtype, seed=0)
