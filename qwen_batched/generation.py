@@ -209,7 +209,8 @@ class CapturedStep:
                     self.dec(*self.inputs)
             stream.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: other threads' CUDA calls (a data loader pinning memory) stay legal during the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.logits = self.dec(*self.inputs)
             self.graph = graph
         else:

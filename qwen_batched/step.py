@@ -401,7 +401,8 @@ class FeatureStep:
                 run()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: other threads' CUDA calls (a data loader pinning memory) stay legal during the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = run()
         return _Graph(graph, frames, ids, pad, out)
 
