@@ -277,29 +277,42 @@ class BatchedImageProcessor:
     def _process_group(self, g: _Group, rescale: bool | None) -> tuple[torch.Tensor, list[int]]:
         """One group: resize (if needed), normalize and patchify; Triton on CUDA, torch elsewhere."""
         frames = g.frames  # (n, F, C, H, W)
-        n, f, c, height, width = frames.shape
         uint8 = frames.dtype == torch.uint8
         scale = 255.0 if (uint8 if rescale is None else rescale) else 1.0
-        mean, std = self._norm(frames.device, scale)
+        grid = [math.ceil(frames.shape[1] / self.temporal_patch_size), g.size[0] // self.patch_size,
+                g.size[1] // self.patch_size]
+        return self.patch_rows(frames, g.size, *self._norm(frames.device, scale)), grid
+
+    def patch_rows(self, frames: torch.Tensor, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor,
+                   taps: list | None = None, bands=None) -> torch.Tensor:
+        """frames (n, F, C, H, W) -> patch rows (n * F/T * gh * gw, C*T*P*P) float32: resized to ``size`` when it
+        differs (uint8 frames round as the reference's uint8 resize does), normalized by ``mean``/``std`` (already
+        scaled to the frames' range), patchified. The fused Triton kernel on CUDA, torch elsewhere or when the
+        kernel cannot build. ``taps`` (per axis, None where unresized) / ``bands``: the resize tables, from
+        ``resize_tables`` when not given (a caller holding them reads nothing back and looks nothing up)."""
+        n, f, c, height, width = frames.shape
+        uint8 = frames.dtype == torch.uint8
+        resized = size != (height, width)
         kw = dict(patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size, merge_size=self.merge_size)
-        grid = [math.ceil(f / self.temporal_patch_size), g.size[0] // self.patch_size, g.size[1] // self.patch_size]
-        use_triton = self.use_triton if self.use_triton is not None else (kernels_enabled("resize_patchify") and frames.is_cuda)
+        use_triton = (self.use_triton if self.use_triton is not None
+                      else kernels_enabled("resize_patchify") and frames.is_cuda)
         if use_triton:
-            taps = [self.resize_tables.taps(src, dst, frames.device) if src != dst else None
-                    for src, dst in ((height, g.size[0]), (width, g.size[1]))]
-            resized = any(t is not None for t in taps)
+            if taps is None:
+                taps = [self.resize_tables.taps(src, dst, frames.device) if src != dst else None
+                        for src, dst in ((height, size[0]), (width, size[1]))]
             try:
                 return resize_patchify(frames, mean, std, height_taps=taps[0], width_taps=taps[1],
-                                       round_uint8=uint8 and resized, **kw), grid
+                                       round_uint8=uint8 and resized, **kw)
             except Exception as e:  # a kernel that cannot build here: the torch path below
                 if self.use_triton:
                     raise
                 give_up("resize_patchify", e)
-        if g.size != (height, width):
-            frames = resize_float(frames.reshape(n * f, c, height, width), g.size, round_uint8=uint8,
-                                  bands=self.resize_tables.bands((height, width), g.size, frames.device))
-            frames = frames.view(n, f, c, *g.size)  # float32 (uint8 inputs: rounded values)
-        return patchify_reference(frames, mean, std, **kw), grid
+        if resized:
+            if bands is None:
+                bands = self.resize_tables.bands((height, width), size, frames.device)
+            frames = resize_float(frames.reshape(n * f, c, height, width), size, round_uint8=uint8, bands=bands)
+            frames = frames.view(n, f, c, *size)  # float32 (uint8 inputs: rounded values)
+        return patchify_reference(frames, mean, std, **kw)
 
     def _assemble(self, groups: list[_Group], outputs: list[torch.Tensor], grids, device) -> torch.Tensor:
         """Group outputs -> one (rows, cols) tensor in sample-major image order."""

@@ -29,13 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from .attention import PACKED_BACKENDS, VarlenPlan
-from .fused import give_up, kernels_enabled, patchify_reference, resize_patchify
 from .outputs import FeatureOutput
 from .prompts import IMAGE_TOKEN, expand_image_tokens
-from .resize import resize_float
 from .rope import mrope_cos_sin, rope_index
 from .text import PackedAttention
-from .validation import is_int, check_context, resolve_layers
+from .validation import check_context, check_flag, is_int, resolve_layers
 
 _CACHE = 64  # distinct text tuples (and single texts x 16) kept tokenized, least recently used first out
 
@@ -143,8 +141,7 @@ class FeatureStep:
                         ("max_text_tokens", max_text_tokens)):
             if not is_int(v) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if not isinstance(compile, bool):
-            raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+        check_flag(compile, "compile")
         if cuda_graph is not None and not isinstance(cuda_graph, bool):
             raise TypeError(f"cuda_graph must be None or a bool, got {type(cuda_graph).__name__}")
         if cuda_graph and model.device.type != "cuda":
@@ -174,11 +171,7 @@ class FeatureStep:
         self._bands = tables.bands((height, width), self.image_size, device) if resized else None
         self._taps = [tables.taps(src, dst, device) if src != dst else None
                       for src, dst in ((height, self.image_size[0]), (width, self.image_size[1]))]
-        mean = torch.tensor(proc.image_mean, dtype=torch.float32)
-        std = torch.tensor(proc.image_std, dtype=torch.float32)
-        self._norm = {scale: ((mean * scale).to(device), (std * scale).to(device)) for scale in (255.0, 1.0)}
-        self._patch_kw = dict(patch_size=proc.patch_size, temporal_patch_size=proc.temporal_patch_size,
-                              merge_size=proc.merge_size)
+        self._norm = {scale: proc._norm(device, scale) for scale in (255.0, 1.0)}  # uint8 / float frames
 
         # vision tower: one geometry for the B*N same-size images (kept here even if the model's cache drops it)
         self._geo = model.caches.geometry(((1, gh, gw),) * (B * N), device, self.backend)
@@ -295,25 +288,11 @@ class FeatureStep:
 
     # ------------------------------------------------------------------ device work
     def _pixels(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames (B, N, 3, H, W) -> patch rows (B*N*gh*gw, C*T*P*P) float32, as the processor computes them."""
-        n = self.batch_size * self.n_cameras
-        uint8 = frames.dtype == torch.uint8
-        mean, std = self._norm[255.0 if uint8 else 1.0]
-        x = frames.reshape(n, 1, 3, self.height, self.width)
-        proc = self.model.processor
-        resized = self._bands is not None
-        if proc.use_triton if proc.use_triton is not None else (kernels_enabled("resize_patchify") and frames.is_cuda):
-            try:
-                return resize_patchify(x, mean, std, height_taps=self._taps[0], width_taps=self._taps[1],
-                                       round_uint8=uint8 and resized, **self._patch_kw)
-            except Exception as e:  # a kernel that cannot build here: the torch path, as the processor does
-                if proc.use_triton:
-                    raise
-                give_up("resize_patchify", e)
-        if resized:
-            x = resize_float(x.reshape(n, 3, self.height, self.width), self.image_size, round_uint8=uint8,
-                             bands=self._bands).view(n, 1, 3, *self.image_size)
-        return patchify_reference(x, mean, std, **self._patch_kw)
+        """frames (B, N, 3, H, W) -> patch rows (B*N*gh*gw, C*T*P*P) float32: the processor's own computation,
+        with the resize tables held here."""
+        x = frames.reshape(self.batch_size * self.n_cameras, 1, 3, self.height, self.width)
+        mean, std = self._norm[255.0 if frames.dtype == torch.uint8 else 1.0]
+        return self.model.processor.patch_rows(x, self.image_size, mean, std, taps=self._taps, bands=self._bands)
 
     def _forward(self, pixels: torch.Tensor, ids: torch.Tensor, pad: torch.Tensor):
         """The device part: pixels (n_patches, C*T*P*P), ids (B, L), pad (B,) -> (hidden states, mask, vision)."""

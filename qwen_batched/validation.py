@@ -7,7 +7,6 @@ model's device with a ``BatchLayout``; nothing downstream checks or reads again.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import torch
@@ -162,8 +161,6 @@ def checked_vision_inputs(pixel_values, grid_thw, cfg: VisionConfig) -> tuple[Gr
 
 
 # ---------------------------------------------------------------------------------------------- whole batch
-_FIELDS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
-           "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 def validate_inputs(inputs: ModelInputs, cfg: ModelConfig, device: torch.device) -> ModelInputs:
@@ -177,7 +174,7 @@ def validate_inputs(inputs: ModelInputs, cfg: ModelConfig, device: torch.device)
     _check_ids(ids, mask)
     if mask is None:
         mask = torch.ones_like(ids)
-    devs = {k: getattr(inputs, k).device for k in _FIELDS if isinstance(getattr(inputs, k), torch.Tensor)}
+    devs = {k: getattr(inputs, k).device for k in inputs.keys()}  # the fields holding tensors
     if len(set(devs.values())) > 1:
         raise ValueError(f"input tensors are on different devices: {', '.join(f'{k}={d}' for k, d in devs.items())}; "
                          f"put them on one device (the model is on {device})")

@@ -2,6 +2,7 @@
 batch sizes and dict inputs; a warm step reads nothing back from the device; the compiled step equals eager and
 does not recompile when the texts change; every bad input is a clear error before any work. The CUDA checks
 (sync debug mode, graph capture) are in test_gpu_step.py."""
+import os
 import warnings
 
 import pytest
@@ -55,6 +56,18 @@ def test_step_equals_extract_features(models, B, N, H, W, dtype):
     assert all(h.shape == (B, L, D) for h in out2.hidden_states)
     assert_real_tokens_equal(out2, m.extract_features(images=frames2, texts=["open the drawer"] * B,
                                                       layers=[0, 2, -1]))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="the Triton preprocessing needs CUDA or TRITON_INTERPRET=1")
+def test_step_with_the_triton_preprocessing(models, monkeypatch):
+    """The step preprocesses through the processor's own path (patch_rows) with its held resize tables: with the
+    fused Triton kernel forced on, as on CUDA, it still equals extract_features (which takes the same kernel)."""
+    m = models[1]
+    monkeypatch.setattr(m.processor, "use_triton", True)
+    frames = _frames(2, 2, 70, 100)  # resized to 56x112
+    out = m.feature_step(2, 2, 70, 100, max_text_tokens=20)(frames, TEXTS[:2])
+    assert_real_tokens_equal(out, m.extract_features(images=frames, texts=TEXTS[:2], layers=[-1]))
 
 
 def test_dict_frames_in_camera_order(models):
