@@ -281,9 +281,9 @@ class BatchedImageProcessor:
         scale = 255.0 if (uint8 if rescale is None else rescale) else 1.0
         grid = [math.ceil(frames.shape[1] / self.temporal_patch_size), g.size[0] // self.patch_size,
                 g.size[1] // self.patch_size]
-        return self.patch_rows(frames, g.size, *self._norm(frames.device, scale)), grid
+        return self._patch_rows(frames, g.size, *self._norm(frames.device, scale)), grid
 
-    def patch_rows(self, frames: torch.Tensor, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor,
+    def _patch_rows(self, frames: torch.Tensor, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor,
                    taps: list | None = None, bands=None) -> torch.Tensor:
         """frames (n, F, C, H, W) -> patch rows (n * F/T * gh * gw, C*T*P*P) float32: resized to ``size`` when it
         differs (uint8 frames round as the reference's uint8 resize does), normalized by ``mean``/``std`` (already

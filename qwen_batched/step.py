@@ -292,7 +292,7 @@ class FeatureStep:
         with the resize tables held here."""
         x = frames.reshape(self.batch_size * self.n_cameras, 1, 3, self.height, self.width)
         mean, std = self._norm[255.0 if frames.dtype == torch.uint8 else 1.0]
-        return self.model.processor.patch_rows(x, self.image_size, mean, std, taps=self._taps, bands=self._bands)
+        return self.model.processor._patch_rows(x, self.image_size, mean, std, taps=self._taps, bands=self._bands)
 
     def _forward(self, pixels: torch.Tensor, ids: torch.Tensor, pad: torch.Tensor):
         """The device part: pixels (n_patches, C*T*P*P), ids (B, L), pad (B,) -> (hidden states, mask, vision)."""

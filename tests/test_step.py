@@ -61,7 +61,7 @@ def test_step_equals_extract_features(models, B, N, H, W, dtype):
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="the Triton preprocessing needs CUDA or TRITON_INTERPRET=1")
 def test_step_with_the_triton_preprocessing(models, monkeypatch):
-    """The step preprocesses through the processor's own path (patch_rows) with its held resize tables: with the
+    """The step preprocesses through the processor's own path (_patch_rows) with its held resize tables: with the
     fused Triton kernel forced on, as on CUDA, it still equals extract_features (which takes the same kernel)."""
     m = models[1]
     monkeypatch.setattr(m.processor, "use_triton", True)
