@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .graphs import capture
 from .rope import mrope_cos_sin
 from .text import TextModel, last_index, run_batch
 
@@ -189,9 +190,9 @@ class StaticDecoder(nn.Module):
 class CapturedStep:
     """The eager ``StaticDecoder`` step replayed as one CUDA graph over static input buffers.
 
-    Captured on the first call with that call's inputs, after two warm-up runs on a side stream: a step is
-    idempotent (run again, it writes the same k/v to the same cache slots), so the warm-up changes nothing. Later
-    calls copy their inputs into the buffers and replay; each replay overwrites ``logits`` (callers clone it).
+    Captured on the first call with that call's inputs (``graphs.capture``): a step is idempotent (run again, it
+    writes the same k/v to the same cache slots), so the capture's warm-up runs change nothing. Later calls copy
+    their inputs into the buffers and replay; each replay overwrites ``logits`` (callers clone it).
     """
 
     def __init__(self, dec: StaticDecoder):
@@ -201,18 +202,7 @@ class CapturedStep:
         args = (tokens, positions, write_idx)
         if self.graph is None:
             self.inputs = tuple(a.clone() for a in args)
-            stream = torch.cuda.current_stream(tokens.device)
-            side = torch.cuda.Stream(tokens.device)
-            side.wait_stream(stream)
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.dec(*self.inputs)
-            stream.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: other threads' CUDA calls (a data loader pinning memory) stay legal during the capture
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.logits = self.dec(*self.inputs)
-            self.graph = graph
+            self.graph, self.logits = capture(lambda: self.dec(*self.inputs), tokens.device)
         else:
             for buf, a in zip(self.inputs, args):
                 buf.copy_(a)

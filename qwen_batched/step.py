@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import PACKED_BACKENDS, VarlenPlan
+from .graphs import capture
 from .outputs import FeatureOutput
 from .prompts import IMAGE_TOKEN, expand_image_tokens
 from .rope import mrope_cos_sin, rope_index
@@ -365,24 +366,11 @@ class FeatureStep:
         return self._output(tuple(h.clone() for h in hidden), mask.clone(), vis.clone())
 
     def _capture(self, dtype: torch.dtype, ids: torch.Tensor, pad: torch.Tensor) -> _Graph:
-        """Warm up (builds kernels, compiles) on a side stream, then capture preprocessing + the device part."""
+        """Capture preprocessing + the device part (``graphs.capture``; its warm-ups build kernels, compile)."""
         frames = torch.zeros(self.batch_size, self.n_cameras, 3, self.height, self.width, dtype=dtype,
                              device=self.device)
         ids, pad = ids.clone(), pad.clone()
-
-        def run():
-            return self._device(self._pixels(frames), ids, pad)
-
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads' CUDA calls (a data loader pinning memory) stay legal during the capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = run()
+        graph, out = capture(lambda: self._device(self._pixels(frames), ids, pad), self.device)
         return _Graph(graph, frames, ids, pad, out)
 
     def __repr__(self) -> str:
