@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from .graphs import capture
 from .rope import mrope_cos_sin
-from .text import TextModel, last_index, run_batch
+from .text import TextModel, last_index, real_tokens, run_batch
+from .validation import is_int
 
 
 class KVCache:
@@ -88,8 +89,8 @@ class CachedPrefillAttention:
 def prefill_on_cache(text: TextModel, cache: KVCache, h: torch.Tensor, position_ids: torch.Tensor,
                      valid: torch.Tensor, *, rows: torch.Tensor | range, cached: torch.Tensor,
                      rope: tuple[torch.Tensor, torch.Tensor], kv_len: int | None = None, depth: int | None = None,
-                     keep: Iterable[int] = (), final_norm: bool = True,
-                     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                     keep: Iterable[int] = (), final_norm: bool = True, lengths: Sequence[int] | None = None,
+                     starts: Sequence[int] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Prefill new tokens on top of what ``cache`` already holds for their rows, appending them to it.
 
     The building block for prompts sharing a prefix (the prefix prefilled once, each row's suffix on top:
@@ -105,6 +106,8 @@ def prefill_on_cache(text: TextModel, cache: KVCache, h: torch.Tensor, position_
     a view). cached: (R,) long, tokens each row holds at [0, cached); its new real tokens go to
     [cached, cached + n) (the compact layout ``generate`` decodes from: write the first new token at cached + n).
     kv_len: host bound on cached + n over the rows (the keys read per layer; default the cache length).
+    lengths / starts: host (R,) real new tokens and first real column of each row, when each row's new tokens are
+    one run: they are then indexed without reading the device (``text.real_tokens``); both or neither.
     depth / keep / final_norm as ``TextModel.forward``; the cache must hold at least ``depth`` layers.
     Returns (last (R, D): the state at each row's last new token, {index: (R, T, D) states, zero at pads}).
     """
@@ -133,6 +136,10 @@ def prefill_on_cache(text: TextModel, cache: KVCache, h: torch.Tensor, position_
     kv_len = cache.length if kv_len is None else kv_len
     if isinstance(kv_len, bool) or not isinstance(kv_len, int) or not 1 <= kv_len <= cache.length:
         raise ValueError(f"kv_len must be an int in 1..{cache.length} (the cache length), got {kv_len!r}")
+    if (lengths is None) != (starts is None) or lengths is not None and not (
+            len(lengths) == len(starts) == R and all(is_int(v) and v >= 0 for v in (*lengths, *starts))):
+        raise ValueError(f"lengths and starts must both be None or both {R} ints >= 0 (host real new tokens and "
+                         f"first real column per row), got {lengths!r:.80} and {starts!r:.80}")
     n_layers = len(text.layers) if depth is None else depth
     if n_layers > len(cache.k):
         raise ValueError(f"the cache holds {len(cache.k)} layers but {n_layers} are run (depth)")
@@ -141,7 +148,7 @@ def prefill_on_cache(text: TextModel, cache: KVCache, h: torch.Tensor, position_
     cached = cached.to(dev).long()
     qcol = torch.where(valid, cached[:, None] + valid.long().cumsum(1) - 1, 0)  # (R, T) compact slot (pad: 0)
     mask = (torch.arange(kv_len, device=dev) <= qcol[..., None])[:, None]  # (R, 1, T, S): causal over the row
-    tok = valid.flatten().nonzero().squeeze(1)  # (N,) the real new tokens, once per call
+    tok = real_tokens(valid, lengths, starts)  # (N,) the real new tokens, once per call
     write_rows = row_idx[:, None].expand(R, T).flatten()[tok]
     write_cols = qcol.flatten()[tok]
     attn = CachedPrefillAttention(cache, sel, write_rows, write_cols, tok, mask, kv_len)

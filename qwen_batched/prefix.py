@@ -223,8 +223,9 @@ def run_shared(text: TextModel, h: torch.Tensor, position_ids: torch.Tensor, gro
     if src:
         sink = cache.scatter_sink(*(torch.from_numpy(np.concatenate(x)).to(dev) for x in (src, dst_rows, dst_cols)))
     h1, pos1, valid1 = _gather(h, position_ids, [(b, c, n) for b, c, n, _ in fresh])
-    last1, states1 = run_batch(text, h1, pos1, valid1, rope=rope, backend=backend, lengths=n1, depth=depth,
-                               keep=keep, final_norm=final_norm, sink=sink)
+    last1, states1 = run_batch(text, h1, pos1, valid1, rope=rope, backend=backend, lengths=n1,
+                               starts=[0] * len(fresh), depth=depth, keep=keep, final_norm=final_norm,
+                               sink=sink)  # (_gather left-aligns every row)
 
     # ---- pass 2: each member's suffix on top of its cache row
     suffix = [(b, first[b] + groups.prefix[b], lengths[b] - groups.prefix[b]) for b in members]
@@ -235,7 +236,7 @@ def run_shared(text: TextModel, h: torch.Tensor, position_ids: torch.Tensor, gro
     cached = torch.tensor([groups.prefix[b] for b in members], device=dev)
     last2, states2 = prefill_on_cache(text, cache, h2, pos2, valid2, rows=rows_arg, cached=cached, rope=rope,
                                       kv_len=max(lengths[b] for b in members), depth=depth, keep=keep,
-                                      final_norm=final_norm)
+                                      final_norm=final_norm, lengths=[n for _, _, n in suffix], starts=[0] * M)
 
     # ---- back to the batch's rows and columns
     last = last1.new_empty(B, last1.shape[-1])

@@ -103,8 +103,9 @@ def _varlen_without_reads(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, wind
     return o.transpose(0, 1)
 
 
+@pytest.mark.parametrize("share", [False, True])
 @pytest.mark.parametrize("backend", ["sdpa", "torch_varlen"])
-def test_prefill_indexes_real_tokens_without_reads(setup, backend, monkeypatch):
+def test_prefill_indexes_real_tokens_without_reads(setup, backend, share, monkeypatch):
     """Rows without masked holes: the prefill (padded or packed) and the KV-cache fill index the real tokens from
     the host layout: no nonzero / boolean-mask reads (on a GPU each is a sync; the padded sink once made one per
     layer). What remains: validation, the stop checks and the outputs."""
@@ -114,12 +115,14 @@ def test_prefill_indexes_real_tokens_without_reads(setup, backend, monkeypatch):
     monkeypatch.setattr(attention, "_torch_varlen", _varlen_without_reads)
     monkeypatch.setattr(attention, "_VARLEN_KW", {"scale", "window_size", "enable_gqa"})
     monkeypatch.setattr(model, "backend", backend)
+    if share:  # the batch twice: every image row shares its prefix with its copy
+        batch = {k: torch.cat([v, v]) for k, v in batch.items()}
     ref = model.generate(**batch, max_new_tokens=4, eos_token_id=[], share_prefix=False)
     model.caches.clear()
     try:
         with count_host_reads() as c:
-            feats = model.extract_features(**batch, share_prefix=False)
-            out = model.generate(**batch, max_new_tokens=4, eos_token_id=[], share_prefix=False)
+            feats = model.extract_features(**batch, share_prefix=share)
+            out = model.generate(**batch, max_new_tokens=4, eos_token_id=[], share_prefix=share)
     finally:
         model.caches.clear()
     assert not [r for r in c.calls if r in ("nonzero", "__getitem__[bool mask]", "__setitem__[bool mask]")], c.calls

@@ -287,6 +287,10 @@ def test_prefill_on_cache_rejects_bad_input(models):
         prefill_on_cache(m.model, cache, h, pos, valid, **{**kw, "cached": torch.zeros(3, dtype=torch.long)})
     with pytest.raises(ValueError, match="kv_len"):
         prefill_on_cache(m.model, cache, h, pos, valid, kv_len=9, **kw)
+    with pytest.raises(ValueError, match="lengths and starts"):
+        prefill_on_cache(m.model, cache, h, pos, valid, lengths=[3, 3], **kw)
+    with pytest.raises(ValueError, match="lengths and starts"):
+        prefill_on_cache(m.model, cache, h, pos, valid, lengths=[3, 3, 3], starts=[0, 0, 0], **kw)
     small = KVCache(1, 2, t.num_key_value_heads, 8, t.head_dim, m.device, m.dtype)
     with pytest.raises(ValueError, match="layers"):
         prefill_on_cache(m.model, small, h, pos, valid, **kw)
