@@ -39,13 +39,12 @@ def run_step(model, args) -> None:
     """The real-time path: a fixed-shape feature step built once, then one call per control step."""
     B, N, size = args.batch, args.cameras, args.size
     instruction = "pick up the red cube"
-    compile = model.device.type == "cuda"  # one captured CUDA graph per step on a GPU; eager on CPU
-    step = model.feature_step(B, N, size, size, texts=instruction, compile=compile)
+    step = model.feature_step(B, N, size, size, texts=instruction)  # one captured CUDA graph per step on a GPU
     print(f"\nfeature step: {step}")
     cams = [f"cam{c}" for c in range(N)]  # LeRobot style: one (B, 3, H, W) tensor per camera
     frames = [synthetic_frames(B, N, size, model.device, step=s) for s in range(args.iters + 1)]
     observation = [{c: f[:, i] for i, c in enumerate(cams)} for f in frames]
-    out = step(observation[0])  # warm-up (compiles and captures with compile=True)
+    out = step(observation[0])  # warm-up (captures the CUDA graph on a GPU)
     h = out.hidden_states[0]
     print(f"  hidden_states[0] {tuple(h.shape)} {h.dtype}, attention_mask {tuple(out.attention_mask.shape)}, "
           f"image tokens per sample: {step.n_cameras * step.tokens_per_image}, "
