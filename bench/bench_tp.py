@@ -1,7 +1,7 @@
 """Tensor-parallel benchmark: 1 process vs 2 (time, per-rank memory), and per-rank memory of the presets.
 
   run:     the same model as one process and split over 2 ranks (torchrun, gloo on CPU / NCCL on CUDA); feature
-           extraction (B=4, one 224x224 image + 64 text tokens each) and greedy generation (16 new tokens).
+           extraction (B=4, one 224x224 image + 64 text tokens each) and greedy generation (8 new tokens).
            Calls interleaved (2 ranks, then one process on rank 0 while rank 1 waits); medians after warm-up.
            On CPU each rank gets one thread; the single process runs with one thread and with all cores.
            Default model: the 3B decoder shapes (real vocabulary, 4 of its 36 layers) with a small vision tower.

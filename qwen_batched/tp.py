@@ -44,6 +44,14 @@ def _funcol():
     return funcol
 
 
+def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    """x (n, ...) of every rank, stacked along dim 0 -> (size * n, ...). ``all_gather_single`` where torch has it
+    (``all_gather_tensor``, its deprecated name, is the only one in torch 2.11)."""
+    funcol = _funcol()
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+    return gather(x, 0, group)
+
+
 # ---------------------------------------------------------------------------------------------- modules
 class RowParallelLinear(nn.Linear):
     """A Linear holding 1/N of the input features; the partial products are summed across the group."""
@@ -65,7 +73,7 @@ class VocabParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., V)
         y = F.linear(x, self.weight)  # (..., V/N)
-        g = _funcol().all_gather_tensor(y.contiguous(), 0, self.group)  # (N * ..., V/N), ranks along dim 0
+        g = _all_gather(y.contiguous(), self.group)  # (N * ..., V/N), ranks along dim 0
         return g.view(self.size, *y.shape).movedim(0, -2).flatten(-2)
 
 
@@ -144,20 +152,22 @@ class TensorParallel:
             mine = torch.empty(0, width, device=pixel_values.device, dtype=dtype)
         most = max(counts)
         mine = F.pad(mine, (0, 0, 0, most - mine.shape[0]))  # all_gather wants equal shapes
-        g = _funcol().all_gather_tensor(mine, 0, self.group).view(self.size, most, width)
+        g = _all_gather(mine, self.group).view(self.size, most, width)
         return torch.cat([g[k, :c] for k, c in enumerate(counts)])
 
     # ------------------------------------------------------------ inputs
     def from_first(self, x: torch.Tensor) -> torch.Tensor:
-        """The group's first rank's ``x`` on every rank."""
-        return _funcol().all_gather_tensor(x.contiguous(), 0, self.group).view(self.size, *x.shape)[0]
+        """The group's first rank's ``x`` on every rank (waited now: a greedy run never reads the seeds, and a
+        collective's result that nothing waits for is reported as a leak when the process exits)."""
+        g = _funcol().wait_tensor(_all_gather(x.contiguous(), self.group))
+        return g.view(self.size, *x.shape)[0]
 
     def check_same_inputs(self, input_ids: torch.Tensor, n_pixel_rows: int) -> None:
         """Every rank must run the same batch; a mismatch would silently mix rows. One small all-gather."""
         ids = input_ids.long()
         weights = torch.arange(ids.numel(), device=ids.device).view_as(ids) % 65521 + 1
         mine = torch.cat([torch.tensor([*ids.shape, n_pixel_rows], device=ids.device), (ids * weights).sum()[None]])
-        every = _funcol().all_gather_tensor(mine, 0, self.group).view(self.size, 4)
+        every = _all_gather(mine, self.group).view(self.size, 4)
         if bool((every != every[:1]).any()):
             raise ValueError(f"tensor-parallel ranks got different inputs (batch, length, pixel rows, id checksum "
                              f"per rank: {every.tolist()}); every rank of the group must make the same call")
