@@ -21,26 +21,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import fmt_mem, header, markdown_table, peak_memory, time_fns, write_json  # noqa: E402
+from bench.models import random_pair  # noqa: E402
 from qwen_batched import QwenBatchedVL  # noqa: E402
 from qwen_batched.config import ModelConfig  # noqa: E402
-from tests.helpers import hf_config_dict  # noqa: E402
 
 
 def build(args, device, dtype):
     """The reference model (random weights from the preset, or a checkpoint) and ours sharing its tensors."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    if args.model:
-        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=dtype,
-                                                                attn_implementation=args.hf_attn).to(device)
-    else:
-        cfg = ModelConfig.from_name(args.config)
-        hf_cfg = Qwen2_5_VLConfig(**hf_config_dict(cfg))
-        hf_cfg._attn_implementation = args.hf_attn
-        torch.manual_seed(0)
-        with torch.device(device):
-            hf = Qwen2_5_VLForConditionalGeneration._from_config(hf_cfg, dtype=dtype)
-    hf = hf.eval().requires_grad_(False)
+    if not args.model:
+        return random_pair(ModelConfig.from_name(args.config), device, dtype, args.hf_attn)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=dtype, attn_implementation=args.hf_attn)
+    hf = hf.to(device).eval().requires_grad_(False)
     return hf, QwenBatchedVL.from_hf(hf)
 
 

@@ -15,7 +15,6 @@ Rows (same questions, same weights, greedy):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -26,10 +25,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import header, markdown_table, sync, write_json  # noqa: E402
+from bench.models import byte_vocab_config, random_pair  # noqa: E402
 from qwen_batched import QwenBatchedVL, jobs  # noqa: E402
-from qwen_batched.config import PRESETS, ModelConfig  # noqa: E402
-from qwen_batched.hub import resolve_checkpoint  # noqa: E402
-from tests.helpers import hf_config_dict  # noqa: E402
+from qwen_batched.config import ModelConfig  # noqa: E402
+from qwen_batched.jobs.run import model_source  # noqa: E402
 
 
 def make_dataset(root: str, n: int, lo: int, hi: int, seed: int) -> tuple[str, str]:
@@ -53,34 +52,10 @@ def make_dataset(root: str, n: int, lo: int, hi: int, seed: int) -> tuple[str, s
     return os.path.join(root, "questions.jsonl"), folder
 
 
-def byte_vocab_config(cfg: ModelConfig) -> ModelConfig:
-    """``cfg``'s shapes with the tiny preset's special-token ids, so the built-in byte tokenizer can drive it
-    (a random-weight preset has no tokenizer.json; its vocabulary size, and so the cost, is unchanged)."""
-    from qwen_batched.config import TINY_SPECIAL_TOKENS
-
-    sid = {tok: 256 + i for i, tok in enumerate(TINY_SPECIAL_TOKENS)}
-    return dataclasses.replace(
-        cfg, image_token_id=sid["<|image_pad|>"], video_token_id=sid["<|video_pad|>"],
-        vision_start_token_id=sid["<|vision_start|>"], vision_end_token_id=sid["<|vision_end|>"],
-        eos_token_ids=(sid["<|im_end|>"], sid["<|endoftext|>"]), pad_token_id=sid["<|endoftext|>"],
-        bos_token_id=sid["<|endoftext|>"]).validate()
-
-
-def byte_processor(cfg: ModelConfig):
-    from qwen_batched.config import default_preprocessor_config
-    from qwen_batched.processor import BatchedImageProcessor
-    from qwen_batched.tokenizer import ByteTokenizer
-
-    return BatchedImageProcessor.from_config_dict(
-        default_preprocessor_config(), tokenizer=ByteTokenizer(), image_token_id=cfg.image_token_id,
-        video_token_id=cfg.video_token_id, vision_start_token_id=cfg.vision_start_token_id,
-        vision_end_token_id=cfg.vision_end_token_id, pad_token_id=cfg.pad_token_id)
-
-
 def build_models(spec: str, device: torch.device, dtype: torch.dtype, need_hf: bool):
     """(ours, hf or None) sharing one set of weights. A checkpoint directory is loaded by both; a preset name
     gets random weights (transformers' init) and the byte tokenizer."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     if os.path.isdir(spec):
         ours = QwenBatchedVL.from_pretrained(spec, device=device, dtype=dtype)
@@ -89,13 +64,7 @@ def build_models(spec: str, device: torch.device, dtype: torch.dtype, need_hf: b
             hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(spec, dtype=dtype).to(device).eval()
         return ours, hf
     cfg = byte_vocab_config(ModelConfig.from_name(spec))
-    torch.manual_seed(0)
-    hf_cfg = Qwen2_5_VLConfig(**hf_config_dict(cfg))
-    hf_cfg._attn_implementation = "flash_attention_2" if device.type == "cuda" and _has_flash() else "sdpa"
-    with torch.device(device):
-        hf = Qwen2_5_VLForConditionalGeneration(hf_cfg).to(dtype).eval()
-    ours = QwenBatchedVL.from_hf(hf)
-    ours.processor = byte_processor(cfg)
+    hf, ours = random_pair(cfg, device, dtype, "flash_attention_2" if device.type == "cuda" and _has_flash() else "sdpa")
     if not need_hf:
         del hf
         hf = None
@@ -194,8 +163,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
-    if not os.path.exists(a.model) and a.model.lower() not in PRESETS:
-        a.model = resolve_checkpoint(a.model)  # a hub id: its snapshot directory in the hub cache
+    a.model = model_source(a.model)  # a preset name, or a directory (a hub id: its snapshot in the hub cache)
 
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))

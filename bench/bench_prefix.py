@@ -24,11 +24,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.bench_jobs import byte_processor, byte_vocab_config  # noqa: E402
 from bench.bench_vit import CPU_SMALL  # noqa: E402
-from bench.common import header, markdown_table, run_settings, sync, write_json  # noqa: E402
-from qwen_batched import ModelConfig, QwenBatchedVL  # noqa: E402
-from tests.helpers import hf_config_dict  # noqa: E402
+from bench.common import header, markdown_table, run_settings, sync, time_fns, write_json  # noqa: E402
+from bench.models import byte_vocab_config, random_pair  # noqa: E402
+from qwen_batched import ModelConfig  # noqa: E402
 
 OBJECTS = ["dog", "car", "person", "chair", "bottle", "cup", "bicycle", "umbrella", "clock", "bench"]
 
@@ -43,16 +42,7 @@ def model_config(name: str) -> ModelConfig:
 
 def build(name: str, device, dtype, need_hf: bool):
     """(ours, transformers reference or None) sharing one set of random weights, with the byte tokenizer."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    cfg = model_config(name)
-    torch.manual_seed(0)
-    hf_cfg = Qwen2_5_VLConfig(**hf_config_dict(cfg))
-    hf_cfg._attn_implementation = "sdpa"
-    with torch.device(device):
-        hf = Qwen2_5_VLForConditionalGeneration(hf_cfg).to(dtype).eval()
-    ours = QwenBatchedVL.from_hf(hf)
-    ours.processor = byte_processor(cfg)
+    hf, ours = random_pair(model_config(name), device, dtype)
     return ours, (hf if need_hf else None)
 
 
@@ -99,7 +89,8 @@ def run_case(ours, hf, n_images: int, k: int, px: int, batch_size: int, max_new:
     if hf is not None:
         hf.generation_config.eos_token_id = None
         fns["transformers per sample"] = hf_fn
-    t = _timed(fns, device, reps)
+    t = {n: {"wall_s": st["median_s"], "cpu_s": st["cpu_s"]}  # interleaved, one warm-up each
+         for n, st in time_fns(fns, device, warmup=1, reps=reps).items()}
     off = torch.cat(out[False])
     same = {"share_prefix=True": torch.equal(torch.cat(out[True]), off), "share_prefix=False": True}
     if hf is not None:
@@ -113,28 +104,6 @@ def run_case(ours, hf, n_images: int, k: int, px: int, batch_size: int, max_new:
     for r in rows:
         r["speedup_vs_off"] = base / (r[clock])
     return rows
-
-
-def _timed(fns: dict, device, reps: int) -> dict[str, dict]:
-    """Median wall and process CPU seconds per implementation: one warm-up each, then ``reps`` interleaved
-    rounds (the order rotating each round)."""
-    import statistics
-    import time
-
-    names = list(fns)
-    for name in names:
-        fns[name]()
-    wall: dict[str, list] = {n: [] for n in names}
-    cpu: dict[str, list] = {n: [] for n in names}
-    for r in range(reps):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            fns[name]()
-            sync(device)
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-    return {n: {"wall_s": statistics.median(wall[n]), "cpu_s": statistics.median(cpu[n])} for n in names}
 
 
 def main(argv=None):

@@ -30,12 +30,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.bench_jobs import byte_processor, byte_vocab_config  # noqa: E402
 from bench.bench_vit import CPU_SMALL  # noqa: E402
 from bench.common import header, markdown_table, run_settings, sync, time_fns, write_json  # noqa: E402
+from bench.models import byte_vocab_config, random_pair  # noqa: E402
 from qwen_batched import QwenBatchedVL  # noqa: E402
 from qwen_batched.config import ModelConfig, tiny_config  # noqa: E402
-from tests.helpers import hf_config_dict  # noqa: E402
 
 CASES = {"a": (3, 224, 224), "b": (2, 480, 640)}  # cameras, height, width
 WORDS = "pick up the cube and put it in the green bowl on the left side of the table then open the drawer".split()
@@ -65,7 +64,7 @@ def model_config(name: str) -> ModelConfig:
 def build(cfg: ModelConfig | None, device, dtype, hf_attn: str, path: str | None = None):
     """The transformers model (random init from ``cfg``, or the checkpoint at ``path``) and ours sharing its
     tensors; a random-weight model gets a byte-level prompt tokenizer."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     if path:
         from qwen_batched.processor import load_processor
@@ -74,15 +73,7 @@ def build(cfg: ModelConfig | None, device, dtype, hf_attn: str, path: str | None
         ours = QwenBatchedVL.from_hf(hf.to(device).eval().requires_grad_(False))
         ours.processor = load_processor(path, ours.cfg)
         return hf, ours
-    hf_cfg = Qwen2_5_VLConfig(**hf_config_dict(cfg))
-    hf_cfg._attn_implementation = hf_attn
-    torch.manual_seed(0)
-    with torch.device(device):
-        hf = Qwen2_5_VLForConditionalGeneration._from_config(hf_cfg, dtype=dtype).eval().requires_grad_(False)
-    ours = QwenBatchedVL.from_hf(hf)
-    if ours.processor.tokenizer is None:
-        ours.processor = byte_processor(cfg)
-    return hf, ours
+    return random_pair(cfg, device, dtype, hf_attn)
 
 
 def hf_image_processor():

@@ -50,22 +50,25 @@ def time_fn(fn: Callable[[], object], device, warmup: int = 2, reps: int = 5) ->
 
 def time_fns(fns: dict[str, Callable[[], object]], device, warmup: int = 2, reps: int = 5) -> dict[str, dict]:
     """``time_fn`` for several implementations, interleaved (a, b, c, b, c, a, ...) so that drifts in machine
-    load hit all of them alike. Returns {name: stats}."""
+    load hit all of them alike. Returns {name: stats}: wall seconds (median, p90, min, max) and the median process
+    CPU seconds (``cpu_s``: what a CPU run costs when the machine is shared)."""
     names = list(fns)
     for name in names:
         for _ in range(warmup):
             fns[name]()
     sync(device)
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
         for name in names[r % len(names):] + names[:r % len(names)]:
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {n: {"median_s": statistics.median(t), "p90_s": _p90(t), "min_s": min(t), "max_s": max(t), "reps": reps}
-            for n, t in times.items()}
+            cpu[name].append(time.process_time() - c0)
+    return {n: {"median_s": statistics.median(t), "p90_s": _p90(t), "min_s": min(t), "max_s": max(t),
+                "cpu_s": statistics.median(cpu[n]), "reps": reps} for n, t in times.items()}
 
 
 def _p90(t: list[float]) -> float:

@@ -23,9 +23,9 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.bench_jobs import byte_processor  # noqa: E402
 from bench.bench_step import instruction, model_config  # noqa: E402
 from bench.common import header, markdown_table, run_settings, sync, time_fn, time_fns, write_json  # noqa: E402
+from bench.models import byte_processor  # noqa: E402
 from qwen_batched import QwenBatchedVL  # noqa: E402
 from qwen_batched.vision import align_mlp  # noqa: E402
 

@@ -17,7 +17,7 @@ from .batching import plan_ranges, run_ranges
 from .caches import ModelCaches
 from .config import ModelConfig, load_generation_eos
 from .generation import generate_tokens
-from .inputs import ModelInputs
+from .inputs import ModelInputs, item_pixels
 from .outputs import FeatureOutput, GenerateOutput
 from .prefix import PrefixGroups, find_groups, probe_index, run_shared
 from .rope import rope_index
@@ -255,7 +255,6 @@ class QwenBatchedVL(nn.Module):
             for i, k in zip(missing, cache.keys(pixel_values, grids, missing)):
                 keys[i] = k
         rows = [t * h * w for t, h, w in grids]
-        starts = [0, *itertools.accumulate(rows)]
         out = [cache.get(k) for k in keys] if cache is not None else [None] * len(grids)
         todo: dict = {}  # content key (or the index of an image without one) -> first image to encode
         for i, (k, hit) in enumerate(zip(keys, out)):
@@ -267,11 +266,7 @@ class QwenBatchedVL(nn.Module):
         first = list(todo.values())
         pieces, enc_grids = [], []
         if first:
-            if len(first) == len(grids):
-                pieces.append(pixel_values)
-            else:
-                sel = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in first]).to(pixel_values.device)
-                pieces.append(pixel_values.index_select(0, sel))
+            pieces.append(item_pixels(pixel_values, grids, first))
             enc_grids += [grids[i] for i in first]
         if video_grids:
             pieces.append(pixel_values_videos.to(pixel_values.dtype))

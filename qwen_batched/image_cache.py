@@ -15,6 +15,8 @@ from collections import OrderedDict
 
 import torch
 
+from .inputs import item_pixels
+
 _PROJ_DIM = 2  # independent 64-bit hashes per image
 _POS_MUL = torch.tensor([-7046029254386353131, 1442695040888963407], dtype=torch.int64)  # odd constants
 _POS_ADD = torch.tensor([-4658895280553007687, 6364136223846793005], dtype=torch.int64)
@@ -44,9 +46,7 @@ class ImageFingerprints:
                 h.update(memoryview(rows[starts[i]:starts[i + 1]].view(torch.uint8).numpy()))  # no copy
                 out.append(h.digest())
             return out
-        if len(which) != len(grids):
-            sel = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in which]).to(pixel_values.device)
-            pixel_values = pixel_values.index_select(0, sel)
+        pixel_values = item_pixels(pixel_values, grids, which)
         fp = self._device_fingerprints(pixel_values, [sizes[i] for i in which]).cpu()  # (n, 2) int64, one transfer
         return [prefix + repr(grids[i]).encode() + f.numpy().tobytes() for i, f in zip(which, fp)]
 

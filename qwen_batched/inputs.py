@@ -141,6 +141,19 @@ def _item_index(per_row: Sequence[int], rows: list[int], device) -> torch.Tensor
     return torch.tensor([k for r in rows for k in range(starts[r], starts[r + 1])], dtype=torch.long, device=device)
 
 
+def item_pixels(pixels: torch.Tensor, grids: Sequence[Grid], items: Sequence[int]) -> torch.Tensor:
+    """The patch rows of the items ``items`` (host indices into ``grids``, in that order) of pixels
+    (sum t*h*w, patch_dim): a view when they are one run in order, else one index_select."""
+    offset = [0, *itertools.accumulate(t * h * w for t, h, w in grids)]
+    items = list(items)
+    if items and items == list(range(items[0], items[-1] + 1)):
+        return pixels[offset[items[0]]:offset[items[-1] + 1]]
+    if not items:
+        return pixels[:0]
+    idx = torch.cat([torch.arange(offset[k], offset[k + 1]) for k in items]).to(pixels.device)
+    return pixels.index_select(0, idx)
+
+
 def _select_items(pixels: torch.Tensor | None, grid_thw: torch.Tensor | None, grids: tuple[Grid, ...],
                   per_row: Sequence[int], rows: list[int]):
     """(pixels, grid_thw, host grids) of the items of ``rows``; (None, None, ()) when they hold none. A
@@ -151,12 +164,8 @@ def _select_items(pixels: torch.Tensor | None, grid_thw: torch.Tensor | None, gr
     items = [k for r in rows for k in range(starts[r], starts[r + 1])]
     if not items:
         return None, None, ()
-    size = [t * h * w for t, h, w in grids]
-    offset = [0, *itertools.accumulate(size)]
     if items == list(range(items[0], items[-1] + 1)):
         k0, k1 = items[0], items[-1] + 1
-        return pixels[offset[k0]:offset[k1]], grid_thw[k0:k1], grids[k0:k1]
-    dev = pixels.device
-    patch_idx = torch.cat([torch.arange(offset[k], offset[k + 1]) for k in items]).to(dev)
-    return (pixels.index_select(0, patch_idx), grid_thw[torch.tensor(items, device=grid_thw.device)],
+        return item_pixels(pixels, grids, items), grid_thw[k0:k1], grids[k0:k1]
+    return (item_pixels(pixels, grids, items), grid_thw[torch.tensor(items, device=grid_thw.device)],
             tuple(grids[k] for k in items))

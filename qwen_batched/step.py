@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 from .attention import PACKED_BACKENDS, VarlenPlan
 from .graphs import capture
+from .lru import LRU
 from .outputs import FeatureOutput
 from .prompts import IMAGE_TOKEN, expand_image_tokens
 from .rope import mrope_cos_sin, rope_index
@@ -71,7 +71,7 @@ class PromptTokens:
             raise ValueError("the chat template does not put the images before the text in one user turn; "
                              "feature_step needs that layout (the processor's default)")
         self.layout = PromptLayout(prefix, suffix, max_text)
-        self._ids: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._ids = LRU(16 * _CACHE)  # text -> its ids (tuple)
 
     def _encode(self, text: str) -> list[int]:
         proc = self.processor
@@ -80,11 +80,10 @@ class PromptTokens:
         return list(proc.tokenizer.encode(prompt))
 
     def text_ids(self, text: str, where: str) -> tuple[int, ...]:
-        """The ids of ``text`` between the fixed prefix and suffix; ValueError if it does not fit."""
-        ids = self._ids.get(text)
-        if ids is not None:
-            self._ids.move_to_end(text)
-            return ids
+        """The ids of ``text`` between the fixed prefix and suffix (cached); ValueError if it does not fit."""
+        return self._ids.get(text, lambda: self._text_ids(text, where))
+
+    def _text_ids(self, text: str, where: str) -> tuple[int, ...]:
         if IMAGE_TOKEN in text:
             raise ValueError(f"{where} holds {IMAGE_TOKEN}; the step inserts the image blocks itself")
         full = self._encode(text)
@@ -98,9 +97,6 @@ class PromptTokens:
             raise ValueError(f"{where} holds image or video placeholder tokens")
         if len(ids) > self.layout.max_text:
             raise ValueError(f"{where} has {len(ids)} tokens, more than max_text_tokens={self.layout.max_text}")
-        self._ids[text] = ids
-        if len(self._ids) > 16 * _CACHE:
-            self._ids.popitem(last=False)
         return ids
 
 
@@ -202,7 +198,7 @@ class FeatureStep:
             self._attn = _causal_sdpa
             self._cos, self._sin = cos, sin
 
-        self._texts: OrderedDict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._texts = LRU(_CACHE)  # texts -> (ids (B, L), pads (B,)) on the device
         self._default = None if texts is None else self._resolve_texts(texts)
         if self._default is not None:
             self._text_tensors(self._default)  # tokenize (and check) the instruction now
@@ -268,10 +264,9 @@ class FeatureStep:
     @torch.inference_mode()  # at construction too: the compiled step sees one kind of tensor (no recompile)
     def _text_tensors(self, key: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (B, L) in the internal layout and pads per row (B,), on the device; cached per texts."""
-        hit = self._texts.get(key)
-        if hit is not None:
-            self._texts.move_to_end(key)
-            return hit
+        return self._texts.get(key, lambda: self._make_text_tensors(key))
+
+    def _make_text_tensors(self, key: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [self.prompt.text_ids(t, f"texts[{i}]") for i, t in enumerate(key)]
         lay = self.prompt.layout
         ids = torch.full((self.batch_size, self.length), self.model.cfg.pad_token_id, dtype=torch.long)
@@ -282,10 +277,7 @@ class FeatureStep:
             ids, pad = (t.pin_memory().to(self.device, non_blocking=True) for t in (ids, pad))
         else:
             ids, pad = ids.to(self.device), pad.to(self.device)
-        self._texts[key] = hit = (ids, pad)
-        if len(self._texts) > _CACHE:
-            self._texts.popitem(last=False)
-        return hit
+        return ids, pad
 
     # ------------------------------------------------------------------ device work
     def _pixels(self, frames: torch.Tensor) -> torch.Tensor:

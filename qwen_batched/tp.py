@@ -236,7 +236,7 @@ def setup(tp_size, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -
     backend = str(dist.get_backend())
     if device.type == "cpu" and "gloo" not in backend:
         raise RuntimeError(f"tensor parallelism on CPU needs a gloo process group, got backend {backend!r}")
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = dist.get_world_size()
     fingerprint = hashlib.sha1(repr(cfg).encode()).hexdigest()[:12]
     mine = (tp_size, device.type, device.index, socket.gethostname(), str(dtype).replace("torch.", ""), fingerprint)
     every: list = [None] * world

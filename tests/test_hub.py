@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from helpers import make_hf_model
+from tests.helpers import make_hf_model
 from qwen_batched import QwenBatchedVL
 from qwen_batched.hub import resolve_checkpoint
 

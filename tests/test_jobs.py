@@ -23,6 +23,7 @@ from qwen_batched.jobs import io as jio
 from qwen_batched.jobs import run as jrun
 from qwen_batched.config import tiny_config
 from qwen_batched.inputs import BatchLayout, ModelInputs
+from tests.helpers import count_vision_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -636,7 +637,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def hub_tiny(tmp_path_factory):
     """A tiny checkpoint (directory, hub cache holding it as org/tiny-vl, the model loaded from the directory)."""
-    from helpers import make_hf_model
+    from tests.helpers import make_hf_model
     from qwen_batched import QwenBatchedVL
     from test_hub import hub_cache
 
@@ -770,9 +771,7 @@ def test_shared_prefixes_same_answers_each_image_encoded_once(tmp_path, tiny):
     rows.insert(5, {"question_id": "multi", "image": [names[0], names[1]], "text": "Compare them."})
     write_questions(tmp_path / "q.jsonl", rows)
     q = str(tmp_path / "q.jsonl")
-    calls = []
-    orig = tiny.visual.forward
-    tiny.visual.forward = lambda pv, *a, **kw: calls.append(pv.shape[0]) or orig(pv, *a, **kw)
+    calls = count_vision_rows(tiny)
     try:
         jobs.main(_answer_argv(q, str(folder), tmp_path / "off.jsonl", "--batch-size", 4, "--no-share-prefix"),
                   model=tiny)

@@ -14,14 +14,14 @@ import torch
 
 from qwen_batched import ModelInputs, QwenBatchedVL
 from qwen_batched.tp import check_tp_size, split_images
-from tests.helpers import build_batch, hf_config_dict, make_hf_model, tiny_model_config
+from tests.helpers import build_batch, hf_config_dict, make_hf_model, model_inputs, rel_err, tiny_model_config
 
 TOL = 1e-5
 WORKER = os.path.join(os.path.dirname(__file__), "tp_worker.py")
 
 
 def rel_close(ours, ref, tol=TOL):
-    err = ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+    err = rel_err(ours, ref)
     assert err <= tol, f"relative error {err:.2e} > {tol}"
 
 
@@ -60,10 +60,6 @@ def write_questions(work):
     (work / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def inputs_of(batch):
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
-
-
 @pytest.fixture(scope="module")
 def single(run):
     work, batch, _ = run
@@ -72,7 +68,7 @@ def single(run):
 
 def test_every_layer_and_logits_match_one_process(run, single):
     _, batch, ranks = run
-    feats = single.extract_features(**inputs_of(batch))
+    feats = single.extract_features(**model_inputs(batch))
     logits = single.lm_head(feats.hidden_states[-1])
     for out in ranks:
         assert len(out["hidden"]) == len(feats.hidden_states) == single.cfg.text.num_hidden_layers + 1
@@ -105,29 +101,29 @@ def test_vision_split_across_ranks_matches_one_process(run, single):
 
 def test_generation_matches_one_process(run, single):
     _, batch, ranks = run
-    greedy = single.generate(**inputs_of(batch), max_new_tokens=6, eos_token_id=[]).sequences
-    sampled = single.generate(**inputs_of(batch), max_new_tokens=6, eos_token_id=[], temperature=1.0, top_k=50,
+    greedy = single.generate(**model_inputs(batch), max_new_tokens=6, eos_token_id=[]).sequences
+    sampled = single.generate(**model_inputs(batch), max_new_tokens=6, eos_token_id=[], temperature=1.0, top_k=50,
                               seed=123).sequences
     for out in ranks:
         assert torch.equal(out["greedy"], greedy)
         assert torch.equal(out["sampled"], sampled)
     assert torch.equal(ranks[0]["unseeded"], ranks[1]["unseeded"])  # no seed: the first rank's draw
     from tests.tp_worker import SHARED_ROWS
-    shared = single.validate(ModelInputs(**inputs_of(batch))).select_rows(SHARED_ROWS)
+    shared = single.validate(ModelInputs(**model_inputs(batch))).select_rows(SHARED_ROWS)
     hidden = single.extract_features(shared, layers=[-1], share_prefix=False).hidden_states[0]
     for out in ranks:  # shared prefixes under tensor parallelism: the tokens of the rows alone
         assert torch.equal(out["shared"], greedy[SHARED_ROWS])
         rel_close(out["shared_hidden"], hidden)
     config_model = QwenBatchedVL.from_config("tiny", seed=3)
-    ref = config_model.generate(**inputs_of(batch), max_new_tokens=4, eos_token_id=[]).sequences
+    ref = config_model.generate(**model_inputs(batch), max_new_tokens=4, eos_token_id=[]).sequences
     assert all(torch.equal(out["config_logits"], ref) for out in ranks)
 
 
 def test_budget_cache_and_tied_embeddings(run, single):
     work, batch, ranks = run
-    feats = single.extract_features(**inputs_of(batch), layers=[2, -1])
+    feats = single.extract_features(**model_inputs(batch), layers=[2, -1])
     tied = QwenBatchedVL.from_pretrained(work / "tied")
-    tied_logits = tied.lm_head(tied.extract_features(**inputs_of(batch), layers=[-1]).hidden_states[0])
+    tied_logits = tied.lm_head(tied.extract_features(**model_inputs(batch), layers=[-1]).hidden_states[0])
     for out in ranks:
         for ours, ref in zip(out["budget"], feats.hidden_states):
             rel_close(ours, ref)

@@ -570,10 +570,10 @@ class Job:
             if not os.path.isdir(source) and not is_preset(source):  # another node: its own cache
                 source = model_source(args.model, args.revision, args.cache_dir)
             self.model = load_model(source, self.device, args.dtype, args.weights_seed, dist.tp_size)
+            self.check_model(self.model)  # a model passed in was checked above
         if is_preset(args.model):
             log(dist, f"note: --model {args.model} is a preset with RANDOM weights: its output is meaningless, "
                       f"for tests and demos")
-        self.check_model(self.model)
         processor = self.model.processor
         if processor is None or getattr(processor, "tokenizer", None) is None:
             raise SystemExit(f"error: model {args.model!r} has no tokenizer (prompts need the checkpoint's "
