@@ -66,7 +66,7 @@ if HAS_TRITON:
         b = plane // (F * C)
         f = (plane // C) % F
         c = plane % C
-        base = b.to(tl.int64) * s_n + f * s_f + c * s_c
+        base = b.to(tl.int64) * s_n + f.to(tl.int64) * s_f + c.to(tl.int64) * s_c  # int64: clips of > 2**31 values
         x_ok = xs < W_out
         mask = (ys < H)[:, None] & x_ok[None, :]
         x0 = tl.load(xmin_ptr + xs, mask=x_ok, other=0)
@@ -129,11 +129,10 @@ _IDENTITY: dict = {}
 
 
 def _identity_taps(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Taps of an axis that keeps its size (each output reads its own pixel with weight 1), cached."""
+    """Taps of an axis that keeps its size (each output reads its own pixel with weight 1), cached for the process
+    and never evicted: a captured CUDA graph reads them at every replay (a few bytes per distinct size)."""
     key = (n, device)
     if key not in _IDENTITY:
-        if len(_IDENTITY) > 256:
-            _IDENTITY.clear()
         _IDENTITY[key] = (torch.arange(n, dtype=torch.int32, device=device), torch.ones(n, 1, device=device))
     return _IDENTITY[key]
 

@@ -63,14 +63,14 @@ if HAS_TRITON:
         s1 = tl.load(SIN + n * stride_cs + d, mask=dmask, other=0.0)
         s2 = tl.load(SIN + n * stride_cs + HALF + d, mask=dmask, other=0.0)
         part = h // HEADS  # 0: q, 1: k
-        dst = OUT + part * stride_part + n * HEADS * hd + (h - part * HEADS) * hd + d
+        dst = OUT + part.to(tl.int64) * stride_part + n * HEADS * hd + (h - part * HEADS) * hd + d
         tl.store(dst, cast_rne(x1 * c1 - x2 * s1, OUT.dtype.element_ty), mask=mask)
         tl.store(dst + HALF, cast_rne(x2 * c2 + x1 * s2, OUT.dtype.element_ty), mask=mask)
         if COPY_V:  # v's heads are one contiguous run of the row
             e = tl.arange(0, BLOCK_V)
             emask = e < HEADS * hd
             v = tl.load(QKV + n * stride_qkv + 2 * HEADS * hd + e, mask=emask)
-            tl.store(OUT + 2 * stride_part + n * HEADS * hd + e, v, mask=emask)
+            tl.store(OUT + 2 * stride_part.to(tl.int64) + n * HEADS * hd + e, v, mask=emask)  # int64: > 2**31
 
 
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

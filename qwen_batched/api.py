@@ -197,11 +197,14 @@ class QwenBatchedVL(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     def _apply(self, fn, recurse=True):
-        """After ``.to()`` / ``.half()`` ...: adapt to the new device and dtype (``_adapt``), drop device-bound caches."""
+        """After ``.to()`` / ``.half()`` ...: adapt to the new device and dtype (``_adapt``), drop device-bound caches
+        and the image cache (its features were made in the old dtype, on the old device)."""
         out = super()._apply(fn, recurse)
         if self.model.embed_tokens.weight.device.type != "meta":
             self._adapt()
             self.caches.clear()
+            if getattr(self, "image_cache", None) is not None:
+                self.image_cache.clear()
         return out
 
     # ------------------------------------------------------------------ vision
@@ -347,7 +350,7 @@ class QwenBatchedVL(nn.Module):
             x = self._embed(sub, sg.image_keys if sg is not None else None)
             kw = dict(rope=self.caches.rope(self.device), backend=self.backend, depth=max(layers), keep=layers,
                       final_norm=final_norm)
-            if sg is not None and sg.any:
+            if sg is not None and sg.any and max(layers) > 0:  # layer 0 (the embeddings) runs no layer to share
                 _, states = run_shared(self.model, x.embeds, x.position_ids, sg, sub.layout.first,
                                        sub.layout.lengths, **kw)
             else:

@@ -11,6 +11,7 @@ only (installed from ``kernels/``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -43,12 +44,21 @@ def give_up(name: str, err: Exception) -> None:
                   "now on")
 
 
+def on_device(t: torch.Tensor):
+    """A context making ``t``'s GPU the current one when it is not: Triton launches on the current device and its
+    stream, whatever device the pointers it is given live on."""
+    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def _run(name: str, module, fn: str, *args):
     """``module.<fn>`` (the Triton kernel) on CUDA when the kernels are on, else ``module.<fn>_reference``. A
     kernel that cannot build or launch is switched off (``give_up``) and the reference runs instead."""
     if name not in _state["failed"] and _use_kernel(args[0]):
         try:
-            return getattr(module, fn)(*(_waited(a) for a in args))
+            with on_device(args[0]):
+                return getattr(module, fn)(*(_waited(a) for a in args))
         except LAUNCH_ERRORS as e:  # build/launch failure on an unusual GPU or triton version
             give_up(name, e)
     return getattr(module, fn + "_reference")(*args)

@@ -107,7 +107,8 @@ def prefill_on_cache(text: TextModel, cache: KVCache, h: torch.Tensor, position_
     [cached, cached + n) (the compact layout ``generate`` decodes from: write the first new token at cached + n).
     kv_len: host bound on cached + n over the rows (the keys read per layer; default the cache length).
     lengths / starts: host (R,) real new tokens and first real column of each row, when each row's new tokens are
-    one run: they are then indexed without reading the device (``text.real_tokens``); both or neither.
+    one run: they are then indexed without reading the device (``text.real_tokens``); both or neither. They must
+    agree with ``valid`` (checked against h's width, not against valid: that would be a device read).
     depth / keep / final_norm as ``TextModel.forward``; the cache must hold at least ``depth`` layers.
     Returns (last (R, D): the state at each row's last new token, {index: (R, T, D) states, zero at pads}).
     """
@@ -124,6 +125,8 @@ def prefill_on_cache(text: TextModel, cache: KVCache, h: torch.Tensor, position_
         raise ValueError(f"position_ids must have shape (3, {R}, {T}), got {tuple(position_ids.shape)}")
     if cached.shape[0] != R or cached.dtype.is_floating_point:
         raise ValueError(f"cached must be ({R},) integer tokens held per row, got {tuple(cached.shape)} {cached.dtype}")
+    if not cache.k:
+        raise ValueError("the cache holds no layers (a prefill on a cache runs at least one layer)")
     n_rows = cache.k[0].shape[0]
     if isinstance(rows, range):
         if len(rows) != R or rows.step != 1 or rows.start < 0 or rows.stop > n_rows:
@@ -140,6 +143,9 @@ def prefill_on_cache(text: TextModel, cache: KVCache, h: torch.Tensor, position_
             len(lengths) == len(starts) == R and all(is_int(v) and v >= 0 for v in (*lengths, *starts))):
         raise ValueError(f"lengths and starts must both be None or both {R} ints >= 0 (host real new tokens and "
                          f"first real column per row), got {lengths!r:.80} and {starts!r:.80}")
+    if lengths is not None and any(s + n > T for s, n in zip(starts, lengths)):
+        raise ValueError(f"starts + lengths must stay within the {T} columns of h (each row's real new tokens are "
+                         f"one run inside its row), got starts {list(starts)!r:.80} and lengths {list(lengths)!r:.80}")
     n_layers = len(text.layers) if depth is None else depth
     if n_layers > len(cache.k):
         raise ValueError(f"the cache holds {len(cache.k)} layers but {n_layers} are run (depth)")
@@ -302,6 +308,8 @@ def _decode_fns(model, batch: int, length: int, mode: str):
                 t.zero_()
             return dec, step
         caches.decode = None  # drop the old cache before allocating a new one
+    elif caches.decode is not None and caches.decode[0][0] == "graph":
+        caches.decode = None  # graphs switched off (CUDA_GRAPHS): the kept graph's cache is not needed
     n_kv = model.model.layers[0].self_attn.n_kv  # this rank's KV heads under tensor parallelism
     cache = KVCache(cfg.num_hidden_layers, batch, n_kv, length, cfg.head_dim, model.device, model.dtype)
     dec = StaticDecoder(model.model, model.lm_head, cache, caches.rope(model.device))

@@ -102,8 +102,7 @@ class ImageEmbeddingCache(ImageFingerprints):
         size = value.numel() * value.element_size()
         if size > self.max_bytes:
             return  # larger than the whole budget: never cached
-        if value.untyped_storage().nbytes() > size:  # a view of a larger batch output: keep only its own bytes
-            value = value.clone()
+        value = value.clone()  # its own bytes: not a view of a batch output, nor a tensor the caller holds
         old = self._store.pop(key, None)
         if old is not None:
             self.bytes -= old.numel() * old.element_size()

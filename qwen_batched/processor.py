@@ -35,7 +35,7 @@ from .image_inputs import Collected, check_rescale, check_values, collect_images
 from .resize import ResizeTables, resize_float
 from .tokenizer import ByteTokenizer, load_tokenizer
 
-from .fused import give_up, kernels_enabled, patchify_reference, resize_patchify
+from .fused import give_up, kernels_enabled, on_device, patchify_reference, resize_patchify
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -301,8 +301,9 @@ class BatchedImageProcessor:
                 taps = [self.resize_tables.taps(src, dst, frames.device) if src != dst else None
                         for src, dst in ((height, size[0]), (width, size[1]))]
             try:
-                return resize_patchify(frames, mean, std, height_taps=taps[0], width_taps=taps[1],
-                                       round_uint8=uint8 and resized, **kw)
+                with on_device(frames):
+                    return resize_patchify(frames, mean, std, height_taps=taps[0], width_taps=taps[1],
+                                           round_uint8=uint8 and resized, **kw)
             except Exception as e:  # a kernel that cannot build here: the torch path below
                 if self.use_triton:
                     raise

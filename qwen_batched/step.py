@@ -143,6 +143,8 @@ class FeatureStep:
             raise TypeError(f"cuda_graph must be None or a bool, got {type(cuda_graph).__name__}")
         if cuda_graph and model.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {model.device}")
+        if cuda_graph and model.tp is not None:  # a capture failing on one rank only would leave the others waiting
+            raise ValueError("cuda_graph=True is not supported with tensor parallelism (tp_size > 1); leave it None")
         self.cameras = self._check_cameras(cameras, n_cameras)
         proc = model.processor
         if proc is None or proc.tokenizer is None:
@@ -151,7 +153,7 @@ class FeatureStep:
         cfg, vcfg = model.cfg, model.cfg.vision
         self.layers = resolve_layers(layers, cfg.text.num_hidden_layers)
         self.model, self.compile = model, compile
-        self.cuda_graph = model.device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.cuda_graph = model.device.type == "cuda" and model.tp is None if cuda_graph is None else cuda_graph
         self.batch_size, self.n_cameras, self.height, self.width = batch_size, n_cameras, height, width
         self.max_text_tokens = max_text_tokens
         self.image_size = proc.smart_resize(height, width)  # ValueError for an extreme aspect ratio
@@ -228,25 +230,28 @@ class FeatureStep:
             raise ValueError(f"{where} is on {x.device}, the model on {self.device}; move the frames to the "
                              "model's device")
 
-    def _check_frames(self, frames) -> list[torch.Tensor] | torch.Tensor:
-        """-> a (B, N, 3, H, W) tensor, or the N (B, 3, H, W) camera tensors in order. Metadata checks only."""
+    def _check_frames(self, frames) -> tuple[list[torch.Tensor] | torch.Tensor, tuple[str, ...] | None]:
+        """-> (a (B, N, 3, H, W) tensor, or the N (B, 3, H, W) camera tensors in order; the camera order). Metadata
+        checks only. The first dict fixes the order, once the whole call has passed its checks (the caller keeps
+        it): a call that fails fixes nothing."""
         B, N, H, W = self.batch_size, self.n_cameras, self.height, self.width
+        order = self.cameras
         if isinstance(frames, Mapping):
-            if self.cameras is None:  # the first dict fixes the order
-                self.cameras = self._check_cameras(list(frames), N)
-            if set(frames) != set(self.cameras):
-                missing = [c for c in self.cameras if c not in frames]
-                extra = [c for c in frames if c not in self.cameras]
-                raise ValueError(f"frames must hold exactly the cameras {list(self.cameras)}; missing {missing}, "
+            if order is None:
+                order = self._check_cameras(list(frames), N)
+            if set(frames) != set(order):
+                missing = [c for c in order if c not in frames]
+                extra = [c for c in frames if c not in order]
+                raise ValueError(f"frames must hold exactly the cameras {list(order)}; missing {missing}, "
                                  f"unexpected {extra}")
-            cams = [frames[c] for c in self.cameras]
-            for c, x in zip(self.cameras, cams):
+            cams = [frames[c] for c in order]
+            for c, x in zip(order, cams):
                 self._check_tensor(x, f"frames[{c!r}]", (B, 3, H, W), "(B, 3, H, W)")
             if len({x.dtype for x in cams}) > 1:
                 raise ValueError(f"frames: the cameras must share one dtype, got {[str(x.dtype) for x in cams]}")
-            return cams
+            return cams, order
         self._check_tensor(frames, "frames", (B, N, 3, H, W), "(B, N, 3, H, W)")
-        return frames
+        return frames, order
 
     def _resolve_texts(self, texts) -> tuple[str, ...]:
         if texts is None:
@@ -308,8 +313,12 @@ class FeatureStep:
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def __call__(self, frames, texts=None) -> FeatureOutput:
-        frames = self._check_frames(frames)
+        if self.model.dtype != self.dtype or self.model.device != self.device:
+            raise ValueError(f"the model is now {self.model.dtype} on {self.model.device}, the step was built for "
+                             f"{self.dtype} on {self.device}; build a new step (model.feature_step(...))")
+        frames, order = self._check_frames(frames)
         ids, pad = self._text_tensors(self._resolve_texts(texts))
+        self.cameras = order  # every check passed
         if self.cuda_graph:
             out = self._replay(frames, ids, pad)
             if out is not None:
@@ -323,7 +332,7 @@ class FeatureStep:
         try:
             return self._device_fn(pixels, ids, pad)
         except Exception as e:
-            if self._device_fn is self._forward:
+            if not self.compile or self._device_fn == self._forward:  # (a bound method: equal, never identical)
                 raise
             warnings.warn(f"torch.compile of the feature step failed ({type(e).__name__}: {e}); running it eagerly")
             self._device_fn = self._forward

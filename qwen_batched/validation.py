@@ -185,6 +185,10 @@ def validate_inputs(inputs: ModelInputs, cfg: ModelConfig, device: torch.device)
     vid = _media(inputs.pixel_values_videos, inputs.video_grid_thw, known.video_grids if known else None,
                  cfg.vision, "pixel_values_videos", "video_grid_thw")
     spg = _check_seconds(inputs.second_per_grid_ts, vid)
+    # grids the host takes from a layout are checked against their tensors in the one read below (a batch
+    # edited with dataclasses.replace keeps its old layout)
+    from_layout = [(m[0], m[1], name) for m, name in ((img, "image_grid_thw"), (vid, "video_grid_thw"))
+                   if m is not None and m[0] is not None]
     unknown = [g for g, m in ((inputs.image_grid_thw, img), (inputs.video_grid_thw, vid)) if m is not None and m[0] is None]
     if unknown:  # one read for all grids the host does not know yet
         flat = host_grids(torch.cat([g.long() for g in unknown]) if len(unknown) > 1 else unknown[0])
@@ -211,11 +215,20 @@ def validate_inputs(inputs: ModelInputs, cfg: ModelConfig, device: torch.device)
     per_row = [torch.where(real, cols, L).amin(1), torch.where(real, cols, -1).amax(1), real.sum(1),
                ((idl == cfg.image_token_id) & real).sum(1), ((idl == cfg.video_token_id) & real).sum(1)]
     head = torch.stack([s.double() for s in scalars + finite])
-    stats = torch.cat([head, torch.stack(per_row).double().flatten()]).tolist()
+    stats = torch.cat([head, torch.stack(per_row).double().flatten(),
+                       *(g.to(ids.device).flatten().double() for _, g, _ in from_layout)]).tolist()
     n_head = len(scalars) + len(finite)
     bad_ids, bad_mask = stats[:2]
     ok_media = stats[2:n_head]
     first, last, n_real, img_tok, vid_tok = (stats[n_head + i * B:n_head + (i + 1) * B] for i in range(5))
+    at = n_head + 5 * B
+    for grids, g, name in from_layout:
+        read = [tuple(int(v) for v in stats[at + 3 * k:at + 3 * k + 3]) for k in range(len(grids))]
+        at += 3 * len(grids)
+        if read != [tuple(x) for x in grids]:
+            raise ValueError(f"{name} {read} disagrees with the batch's layout {list(grids)} (a ModelInputs edited "
+                             "with dataclasses.replace keeps its old layout: build it again with "
+                             "ModelInputs(...) or processor.prepare)")
     if bad_ids:
         raise ValueError(f"input_ids holds {int(bad_ids)} ids outside the vocabulary (0..{cfg.text.vocab_size - 1})")
     if bad_mask:

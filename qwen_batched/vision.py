@@ -75,6 +75,9 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
         self.full_blocks = frozenset(cfg.fullatt_block_indexes)
+        # state dicts hold the config's MLP width whatever ``align_mlp`` made of it (checkpoints stay loadable)
+        self._register_state_dict_hook(_mlp_state_to_config_width)
+        self._register_load_state_dict_pre_hook(_mlp_state_to_own_width, with_module=True)
 
     def forward(self, pixel_values: torch.Tensor, geo: VisionGeometry, backend: str,
                 return_pre_merger: bool = False) -> torch.Tensor:
@@ -113,6 +116,29 @@ def align_mlp(tower: VisionTransformer, multiple: int) -> None:
             lin.out_features = width
         mlp.down_proj.weight = nn.Parameter(_resize(mlp.down_proj.weight, 1, width), requires_grad=False)
         mlp.down_proj.in_features = width
+
+
+_MLP_WIDTH_DIMS = (("gate_proj.weight", 0), ("gate_proj.bias", 0), ("up_proj.weight", 0), ("up_proj.bias", 0),
+                   ("down_proj.weight", 1))  # the MLP tensors whose dim follows the unit count
+
+
+def _mlp_state_to_config_width(tower: VisionTransformer, state: dict, prefix: str, _meta) -> None:
+    """state_dict hook: an aligned MLP's tensors cut back to the config's width (the padding is zero units)."""
+    for i in range(len(tower.blocks)):
+        for name, dim in _MLP_WIDTH_DIMS:
+            key = f"{prefix}blocks.{i}.mlp.{name}"
+            if key in state and state[key].shape[dim] != tower.cfg.intermediate_size:
+                state[key] = _resize(state[key], dim, tower.cfg.intermediate_size)
+
+
+def _mlp_state_to_own_width(tower: VisionTransformer, state: dict, prefix: str, *_args) -> None:
+    """load_state_dict pre-hook: tensors of the config's width zero-padded to an aligned MLP's width."""
+    for i, blk in enumerate(tower.blocks):
+        width = blk.mlp.gate_proj.weight.shape[0]
+        for name, dim in _MLP_WIDTH_DIMS:
+            key = f"{prefix}blocks.{i}.mlp.{name}"
+            if key in state and state[key].shape[dim] == tower.cfg.intermediate_size != width:
+                state[key] = _resize(state[key], dim, width)
 
 
 def _resize(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:

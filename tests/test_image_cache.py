@@ -93,3 +93,25 @@ def test_device_fingerprint_separates_near_duplicates(dtype):
 def test_bad_budget(model):
     with pytest.raises(ValueError, match="max_bytes"):
         model.enable_image_cache(max_bytes=0)
+
+
+def test_what_the_cache_returns_is_not_what_it_keeps(model):
+    """Writing into the features encode_images returned must not change what a later hit returns."""
+    pv, g = _images([(1, 4, 4)], 3)[0], torch.tensor([(1, 4, 4)])
+    model.enable_image_cache(max_bytes=1 << 20)
+    first = model.encode_images(pv, g)
+    ref = first.clone()
+    with torch.inference_mode():  # (the features are inference tensors)
+        first.mul_(0)
+    assert torch.equal(model.encode_images(pv, g), ref)
+
+
+def test_moving_the_model_empties_the_cache(model):
+    """Features made in one dtype (or on one device) are not hits after .to(): they would be of the old kind."""
+    pv, g = _images([(1, 4, 4)], 4)[0], torch.tensor([(1, 4, 4)])
+    model.enable_image_cache(max_bytes=1 << 20)
+    model.encode_images(pv, g)
+    assert len(model.image_cache) == 1
+    model.to(torch.float64)
+    assert len(model.image_cache) == 0
+    assert model.encode_images(pv, g).dtype == torch.float64

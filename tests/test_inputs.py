@@ -95,3 +95,18 @@ def test_first_call_reads_the_device_a_few_times(batch):
     with count_host_reads() as c:
         fresh.extract_features(**batch)
     assert c.count <= 12, c.calls  # the geometry is built on the host from host grids
+
+
+def test_a_layout_that_disagrees_with_the_grids_is_an_error(model):
+    """A ModelInputs edited with dataclasses.replace keeps its host layout: grids that no longer match their tensor
+    are a ValueError (the two images below give the same ids, so nothing else would notice)."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(1)
+    wide, tall = (torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in ((56, 112), (112, 56)))
+    a, b = model.processor.prepare([[wide]], ["what?"]), model.processor.prepare([[tall]], ["what?"])
+    assert torch.equal(a.input_ids, b.input_ids) and a.layout.image_grids != b.layout.image_grids
+    stale = dataclasses.replace(a, pixel_values=b.pixel_values, image_grid_thw=b.image_grid_thw)
+    with pytest.raises(ValueError, match="image_grid_thw .* disagrees with the batch's layout"):
+        model.extract_features(stale)
+    model.extract_features(a)  # the layout of a batch built whole is right

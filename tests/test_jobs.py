@@ -888,3 +888,20 @@ def test_load_features_rejects_bad_arguments(tmp_path):
         jobs.load_features(None, 0)
     with pytest.raises(FileNotFoundError, match="no index.json"):
         jobs.load_features(tmp_path, 0)
+
+
+def test_a_model_passed_in_is_fingerprinted_by_its_weights(tmp_path, tiny):
+    """jobs.main(argv, model=M): M's own weights identify the answers, not only --model (which M need not be)."""
+    from qwen_batched import QwenBatchedVL
+
+    q, folder = dataset(tmp_path, n=3)
+    argv = _answer_argv(q, folder, tmp_path / "a.jsonl", "--workers", 0)
+    jobs.main(argv, model=tiny)
+    jobs.main(argv, model=tiny)  # the same model: resumed, nothing to do
+    other = QwenBatchedVL.from_config("tiny", seed=1)
+    with pytest.raises(SystemExit, match="another model or other settings"):
+        jobs.main(argv, model=other)
+    jobs.main([*argv, "--overwrite"], model=other)
+    direct = other.generate(images=[[jio.decode_image(os.path.join(folder, r["image"]))] for r in read_jsonl(q)],
+                            texts=[r["text"] for r in read_jsonl(q)], max_new_tokens=12).texts
+    assert [r["text"] for r in read_jsonl(tmp_path / "a.jsonl")] == [t.strip() for t in direct]

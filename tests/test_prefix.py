@@ -211,6 +211,15 @@ def test_image_cache_keeps_embeddings_for_later_batches(models, vision_rows):
                                                eos_token_id=[]).sequences)
 
 
+def test_layer_zero_alone_with_shared_images(models):
+    """layers=[0] (the embeddings) runs no layer: rows sharing an image give the unshared result, no shared pass."""
+    m = models[1]
+    x = m.processor.prepare([[A], [A], [B]], ["What is it?", "Colour?", "Where?"])
+    assert _groups(m, x) == (0, 0, -1)
+    _compare(m, x, layers=[0])
+    _compare(m, x, layers=[0, -1])
+
+
 def test_share_prefix_must_be_bool(models):
     m = models[1]
     x = m.processor.prepare([[A]], ["q"])
@@ -294,3 +303,8 @@ def test_prefill_on_cache_rejects_bad_input(models):
     small = KVCache(1, 2, t.num_key_value_heads, 8, t.head_dim, m.device, m.dtype)
     with pytest.raises(ValueError, match="layers"):
         prefill_on_cache(m.model, small, h, pos, valid, **kw)
+    with pytest.raises(ValueError, match="no layers"):
+        prefill_on_cache(m.model, KVCache(0, 2, t.num_key_value_heads, 8, t.head_dim, m.device, m.dtype), h, pos,
+                         valid, depth=0, **kw)
+    with pytest.raises(ValueError, match="starts \\+ lengths"):  # a run past the row would read the next row
+        prefill_on_cache(m.model, cache, h, pos, valid, lengths=[3, 3], starts=[1, 0], **kw)

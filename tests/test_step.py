@@ -216,8 +216,53 @@ def test_failed_compilation_falls_back_to_eager(models):
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
-    step._device_fn = broken  # what a failed torch.compile looks like from the step
+    step.compile, step._device_fn = True, broken  # what a failed torch.compile looks like from the step
     with pytest.warns(UserWarning, match="feature step failed"):
         out = step(frames)
     assert torch.equal(out.hidden_states[0], ref.hidden_states[0])
     assert step._device_fn == step._forward  # eager from then on
+
+
+def test_eager_step_errors_reach_the_caller_once(models, monkeypatch):
+    """An error in the eager step is raised as it is: no compile warning, no second run of the step."""
+    m = models[1]
+    step = m.feature_step(1, 1, 56, 56, texts="go")
+    calls = []
+
+    def broken(*args, **kw):
+        calls.append(1)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(m.visual, "forward", broken)  # inside the step's device part
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="boom"):
+            step(_frames(1, 1, 56, 56))
+    assert calls == [1]
+
+
+def test_a_failed_call_does_not_fix_the_camera_order(models):
+    m = models[1]
+    frames = _frames(2, 2, 56, 56)
+    step = m.feature_step(2, 2, 56, 56, texts=TEXTS[:2], max_text_tokens=20)
+    with pytest.raises(ValueError, match="frames\\['top'\\]"):
+        step({"top": frames[:, 1, :, :28], "wrist": frames[:, 0]})  # a bad shape
+    with pytest.raises(ValueError, match="texts"):
+        step({"top": frames[:, 1], "wrist": frames[:, 0]}, texts=["a"])  # a bad texts
+    assert step.cameras is None
+    out = step({"wrist": frames[:, 0], "top": frames[:, 1]})
+    assert step.cameras == ("wrist", "top")
+    assert all(torch.equal(x, y) for x, y in zip(out.hidden_states, step(frames).hidden_states))
+
+
+def test_a_model_moved_after_the_step_was_built_is_an_error(models):
+    m = models[1]
+    step = m.feature_step(1, 1, 56, 56, texts="go")
+    frames = _frames(1, 1, 56, 56)
+    step(frames)
+    m.to(torch.float64)
+    try:
+        with pytest.raises(ValueError, match="build a new step"):
+            step(frames)
+    finally:
+        m.to(torch.float32)

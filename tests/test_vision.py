@@ -145,7 +145,7 @@ def test_bad_inputs(models):
 def test_mlp_alignment_adds_exact_zeros(models):
     """align_mlp widens the MLPs with zero units (on CUDA in fp16/bf16, to 64-unit multiples): the tower's output
     is unchanged; moving the model (``_apply``) on the CPU trims them back to the config's width."""
-    from qwen_batched.vision import align_mlp
+    from qwen_batched.vision import VisionTransformer, align_mlp
 
     _, ours = models
     pv, g = _inputs([(1, 28, 28), (1, 20, 14)])
@@ -156,6 +156,14 @@ def test_mlp_alignment_adds_exact_zeros(models):
     mlp = ours.visual.blocks[0].mlp
     assert mlp.gate_proj.weight.shape[0] == mlp.up_proj.bias.shape[0] == mlp.down_proj.weight.shape[1] == 192
     assert rel_err(ours.encode_images(pv, g), ref) <= 1e-6
+    saved = ours.visual.state_dict()  # the config's width: loadable by any model of this config
+    assert all(torch.equal(before[k], saved[k]) for k in before)
+    fresh = VisionTransformer(ours.cfg.vision)
+    fresh.load_state_dict(saved)
+    align_mlp(fresh, 96)
+    fresh.load_state_dict(before)  # and a checkpoint of the config's width loads into an aligned tower, zero-padded
+    assert torch.equal(fresh.blocks[0].mlp.down_proj.weight, mlp.down_proj.weight)
+    assert torch.equal(fresh.blocks[0].mlp.gate_proj.bias, mlp.gate_proj.bias)
     ours.float()  # on the CPU: the config's width again, the original values
     after = ours.visual.state_dict()
     assert mlp.gate_proj.weight.shape[0] == width

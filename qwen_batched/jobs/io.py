@@ -249,6 +249,10 @@ def new_run_id(directory: str, pattern: re.Pattern) -> str:
 
 def _model_change(old: dict, new: dict) -> str:
     a, b = old.get("fingerprint") or {}, new["fingerprint"]
+    def source(fp):
+        return {k: v for k, v in fp.items() if k != "weights_in_memory"}
+    if source(a) == source(b):  # only the weights of a model passed to jobs.main differ
+        return "model: other weights in memory (the model passed to jobs.main, whatever --model names)"
     made = f"--model {new['source']!r}" if old.get("source") == new["source"] else \
         f"these results were made with --model {old.get('source')!r}, this run has {new['source']!r}"
     if "files" in a and "files" in b:

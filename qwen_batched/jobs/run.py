@@ -182,6 +182,24 @@ def model_fingerprint(source: str, weights_seed: int) -> dict:
     return {"files": files}
 
 
+def weights_fingerprint(model, samples: int = 64) -> str:
+    """What identifies a model passed in by the caller (``jobs.main(argv, model=M)``), whose weights need not be
+    what ``--model`` names: its config and ``samples`` evenly spaced values of every tensor of its state dict (one
+    device read), hashed."""
+    state = model.state_dict()  # the config's shapes (an aligned vision MLP is cut back)
+    h = hashlib.sha256(repr(model.cfg).encode())
+    picks = []
+    for name in sorted(state):
+        t = state[name].detach().reshape(-1)
+        h.update(f"{name}{tuple(state[name].shape)}{t.dtype}".encode())
+        if t.numel():
+            idx = torch.linspace(0, t.numel() - 1, min(samples, t.numel()), device=t.device).long()
+            picks.append(t[idx].float())
+    if picks:
+        h.update(torch.cat(picks).cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
 def resolved_dtype(source: str, device: torch.device, dtype: str, model=None) -> str:
     """The dtype the model runs in ('auto' resolved as loading resolves it)."""
     if dtype != "auto":
@@ -537,6 +555,8 @@ class Job:
                     "settings": {**self.settings(), "dtype": resolved_dtype(source, self.device, a.dtype, self.model),
                                  "device": self.device.type,  # CPU and GPU kernels round differently
                                  "min_pixels": a.min_pixels, "max_pixels": a.max_pixels}}
+        if isinstance(self.model, torch.nn.Module):  # passed in: its own weights, whatever --model names
+            manifest["model"]["fingerprint"]["weights_in_memory"] = weights_fingerprint(self.model)
         if a.overwrite:
             self.discard()
         check_manifest(self.out_dir, manifest, self.shard_re, a.overwrite, self.elsewhere)
