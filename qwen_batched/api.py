@@ -1,6 +1,7 @@
 """``QwenBatchedVL``: the public model object (loading, image and video encoding, features, generation)."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections.abc import Sequence
@@ -147,6 +148,11 @@ class QwenBatchedVL(nn.Module):
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         cfg = ModelConfig.from_dict(hf_model.config.to_dict())
+        gen_eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:  # as from_pretrained adds generation_config.json's (the published: 151645, 151643)
+            import dataclasses
+            gen_eos = tuple(int(e) for e in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
+            cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + gen_eos)))
         params = list(hf_model.named_parameters())
         devices = {p.device for _, p in params}
         if len(devices) > 1:
@@ -331,15 +337,17 @@ class QwenBatchedVL(nn.Module):
         shared prefix prefilled once and each row's remainder on top of it (``prefix.py``). The same results up to
         rounding; rows that share nothing run as without it.
         """
-        layers = resolve_layers(layers, self.cfg.text.num_hidden_layers)
-        if not isinstance(final_norm, bool):
-            raise TypeError(f"final_norm must be a bool, got {type(final_norm).__name__}")
-        check_flag(share_prefix, "share_prefix")
-        budget = check_budget(max_batch_tokens)
-        batch = self._door(inputs, dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                                        image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
-                                        video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts),
-                           images, texts, videos, fps, rescale)
+        with self._same_call(repr(("extract_features", layers, final_norm, max_batch_tokens, share_prefix))) as box:
+            layers = resolve_layers(layers, self.cfg.text.num_hidden_layers)
+            if not isinstance(final_norm, bool):
+                raise TypeError(f"final_norm must be a bool, got {type(final_norm).__name__}")
+            check_flag(share_prefix, "share_prefix")
+            budget = check_budget(max_batch_tokens)
+            batch = box["batch"] = self._door(
+                inputs, dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                             image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                             video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts),
+                images, texts, videos, fps, rescale)
         lay, L = batch.layout, batch.input_ids.shape[1]
         groups = self._prefix_groups(batch) if share_prefix else None
         order = groups.order() if groups is not None else list(range(batch.batch_size))
@@ -366,10 +374,10 @@ class QwenBatchedVL(nn.Module):
         mu = self.cfg.vision.merge_unit
         vis = _items_in_batch_order([p[2] for p in parts], done, _tokens_per_row(lay.image_grids, lay.images_per_row, mu))
         vid = _items_in_batch_order([p[3] for p in parts], done, _tokens_per_row(lay.video_grids, lay.videos_per_row, mu))
-        ids = batch.input_ids
+        ids, real = batch.input_ids, batch.attention_mask.bool()
         return FeatureOutput(hidden_states=hidden, attention_mask=batch.attention_mask,
-                             image_mask=ids == self.cfg.image_token_id, vision_embeds=vis, layers=layers,
-                             video_mask=ids == self.cfg.video_token_id, video_embeds=vid)
+                             image_mask=(ids == self.cfg.image_token_id) & real, vision_embeds=vis, layers=layers,
+                             video_mask=(ids == self.cfg.video_token_id) & real, video_embeds=vid)
 
     def feature_step(self, batch_size: int, n_cameras: int, height: int, width: int, *, texts=None,
                      max_text_tokens: int = 32, layers=(-1,), compile: bool = False, cuda_graph: bool | None = None,
@@ -412,16 +420,21 @@ class QwenBatchedVL(nn.Module):
         ``extract_features``. share_prefix as in ``extract_features``: shared prefixes are prefilled once, each
         row's remainder on top, then decoding as usual (the same tokens).
         """
-        check_generate_args(max_new_tokens, temperature, top_k, top_p, seed, compile)
-        check_flag(share_prefix, "share_prefix")
-        eos_ids = resolve_eos(eos_token_id, self.cfg)
-        budget = check_budget(max_batch_tokens)
-        batch = self._door(inputs, dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                                        image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
-                                        video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts),
-                           images, texts, videos, fps, rescale)
-        lay = batch.layout
-        check_context(max(lay.lengths) + max_new_tokens, self.cfg, "prompt length + max_new_tokens")
+        call = ("generate", max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, compile, max_batch_tokens,
+                share_prefix)
+        with self._same_call(repr(call)) as box:
+            check_generate_args(max_new_tokens, temperature, top_k, top_p, seed, compile)
+            check_flag(share_prefix, "share_prefix")
+            eos_ids = resolve_eos(eos_token_id, self.cfg)
+            budget = check_budget(max_batch_tokens)
+            batch = self._door(
+                inputs, dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                             image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                             video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts),
+                images, texts, videos, fps, rescale)
+            lay = batch.layout
+            check_context(max(lay.lengths) + max_new_tokens, self.cfg, "prompt length + max_new_tokens")
+            box["batch"] = batch
         seeds = torch.tensor(row_seeds(seed, batch.batch_size), dtype=torch.int64, device=self.device)
         if self.tp is not None and seed is None:  # the drawn base seed may differ by rank: take the first rank's
             seeds = self.tp.from_first(seeds)
@@ -463,6 +476,22 @@ class QwenBatchedVL(nn.Module):
             raise TypeError(f"inputs must be a ModelInputs (model.processor.prepare(...)), got {type(inputs).__name__}")
         return validate_inputs(inputs, self.cfg, self.device)
 
+    @contextlib.contextmanager
+    def _same_call(self, call: str):
+        """Around a call's argument checks and the batch's validation (the body sets ``box["batch"]``): under
+        tensor parallelism every rank then learns that every rank passed them with the same arguments and batch
+        (``TensorParallel.agree``), so that a call failing or differing on one rank is an error on all of them,
+        never a wait for a collective that rank will not join. Nothing without tensor parallelism."""
+        box: dict = {}
+        if self.tp is None:
+            yield box
+            return
+        try:
+            yield box
+        except Exception as e:  # noqa: BLE001 - whatever stopped this rank, the others must hear of it
+            self.tp.agree(None, call, e)
+        self.tp.agree(box["batch"], call)
+
     def _door(self, inputs, tensors: dict, images, texts, videos, fps, rescale) -> ModelInputs:
         """Whatever form the batch came in -> one validated ``ModelInputs`` on the model's device."""
         given = [k for k, v in tensors.items() if v is not None]
@@ -492,8 +521,6 @@ class QwenBatchedVL(nn.Module):
         elif inputs is None:
             inputs = ModelInputs(**tensors)
         inputs = validate_inputs(inputs, self.cfg, self.device)
-        if self.tp is not None:
-            self.tp.check_same_inputs(inputs.input_ids, 0 if inputs.pixel_values is None else inputs.pixel_values.shape[0])
         return inputs
 
     @staticmethod
@@ -522,12 +549,13 @@ class QwenBatchedVL(nn.Module):
         ids, mask = rows.input_ids, rows.attention_mask
         embeds = self.model.embed_tokens(ids)  # (B, L, D)
         vision, video = self._encode_vision(rows, keys)
+        real = mask.bool()  # a placeholder id at a pad position is a pad (validation counts the real ones only)
         if vision is not None:
             vision = vision.to(embeds.dtype)  # (n_image_tokens, D)
-            embeds = embeds.masked_scatter((ids == self.cfg.image_token_id)[..., None], vision)
+            embeds = embeds.masked_scatter(((ids == self.cfg.image_token_id) & real)[..., None], vision)
         if video is not None:
             video = video.to(embeds.dtype)  # (n_video_tokens, D)
-            embeds = embeds.masked_scatter((ids == self.cfg.video_token_id)[..., None], video)
+            embeds = embeds.masked_scatter(((ids == self.cfg.video_token_id) & real)[..., None], video)
         position_ids, _ = rope_index(ids, mask, rows.image_grid_thw, image_token_id=self.cfg.image_token_id,
                                      spatial_merge_size=self.cfg.vision.spatial_merge_size,
                                      video_grid_thw=rows.video_grid_thw, video_token_id=self.cfg.video_token_id,

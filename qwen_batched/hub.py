@@ -12,6 +12,7 @@ import os
 # What loading a checkpoint reads: config, weights, tokenizer and processor files (no pickles, no other formats).
 ALLOW_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+                  "processor_config.json",
                   "video_preprocessor_config.json", "chat_template.json", "chat_template.jinja"]
 
 

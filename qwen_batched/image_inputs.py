@@ -81,6 +81,17 @@ def _from_array(img: np.ndarray, where: str, video: bool, channels: int) -> torc
     return t.movedim(-1, -3)
 
 
+def pil_rgb(im):
+    """A PIL image as RGB the way the reference reads it: transparency (an alpha band, or a palette's or
+    greyscale image's ``transparency`` entry) composited onto white, not dropped."""
+    if "A" not in im.getbands() and im.info.get("transparency") is None:
+        return im.convert("RGB")
+    from PIL import Image
+
+    rgba = im.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
 def _to_tensor(img: Any, where: str, video: bool, channels: int) -> torch.Tensor:
     """One image (C, H, W) or clip (T, C, H, W) as a tensor; PIL images become RGB uint8."""
     if isinstance(img, torch.Tensor):
@@ -88,7 +99,7 @@ def _to_tensor(img: Any, where: str, video: bool, channels: int) -> torch.Tensor
     if isinstance(img, np.ndarray):
         return _from_array(img, where, video, channels)
     if type(img).__module__.startswith("PIL."):
-        return _from_array(np.array(img.convert("RGB")), where, False, channels)
+        return _from_array(np.array(pil_rgb(img)), where, False, channels)
     kind = "clip" if video else "image"
     raise TypeError(f"{where}: expected a {kind} as a torch.Tensor, numpy array or PIL image, got {type(img).__name__}")
 

@@ -141,14 +141,17 @@ class BatchedImageProcessor:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, model_config: ModelConfig | None = None,
                         **kwargs) -> "BatchedImageProcessor":
-        """From a checkpoint directory: ``preprocessor_config.json`` (published defaults if absent),
+        """From a checkpoint directory: ``preprocessor_config.json``, else the ``image_processor`` entry of
+        ``processor_config.json`` (what transformers 5 saves), else the published defaults;
         ``tokenizer.json`` (optional), chat template from ``chat_template.jinja`` / ``chat_template.json`` /
         ``tokenizer_config.json``; special token ids from ``model_config``, the directory's ``config.json`` or
         else the tokenizer's vocabulary."""
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-        pre = read_json(os.path.join(path, "preprocessor_config.json")) or default_preprocessor_config()
+        pre = (read_json(os.path.join(path, "preprocessor_config.json"))
+               or (read_json(os.path.join(path, "processor_config.json")) or {}).get("image_processor")
+               or default_preprocessor_config())
         if model_config is None and os.path.isfile(os.path.join(path, "config.json")):
             model_config = ModelConfig.from_json(path)
         tok_path = os.path.join(path, "tokenizer.json")

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import PACKED_BACKENDS, VarlenPlan, varlen_attention
+from .batching import is_oom
 from .config import TextConfig
 from .fused import rope_qk
 from .layers import RMSNorm, SwiGLU
@@ -177,9 +178,9 @@ def run_batch(text: TextModel, h: torch.Tensor, position_ids: torch.Tensor, vali
     if backend in PACKED_BACKENDS:
         try:
             return _run_packed(text, h, cos, sin, valid, tok, backend, lengths, depth, keep, final_norm, sink)
-        except torch.cuda.OutOfMemoryError:
-            raise
         except RuntimeError as e:  # e.g. a GPU the varlen kernel does not support: padded SDPA instead
+            if is_oom(e):  # (padded SDPA needs more memory, not less: the caller halves the batch)
+                raise
             warnings.warn(f"packed {backend} prefill failed ({e}); using padded SDPA")
     attn = PaddedAttention(padded_mask(valid), sink, tok)
     out, states = text(h, cos, sin, attn, depth=depth, keep=keep, final_norm=final_norm)

@@ -162,15 +162,36 @@ class TensorParallel:
         g = _funcol().wait_tensor(_all_gather(x.contiguous(), self.group))
         return g.view(self.size, *x.shape)[0]
 
-    def check_same_inputs(self, input_ids: torch.Tensor, n_pixel_rows: int) -> None:
-        """Every rank must run the same batch; a mismatch would silently mix rows. One small all-gather."""
-        ids = input_ids.long()
-        weights = torch.arange(ids.numel(), device=ids.device).view_as(ids) % 65521 + 1
-        mine = torch.cat([torch.tensor([*ids.shape, n_pixel_rows], device=ids.device), (ids * weights).sum()[None]])
-        every = _all_gather(mine, self.group).view(self.size, 4)
-        if bool((every != every[:1]).any()):
-            raise ValueError(f"tensor-parallel ranks got different inputs (batch, length, pixel rows, id checksum "
-                             f"per rank: {every.tolist()}); every rank of the group must make the same call")
+    def agree(self, batch, call: str, error: Exception | None = None) -> None:
+        """Every rank must make the same call on the same batch (a mismatch would silently mix rows, or leave
+        ranks waiting on each other forever): one small all-gather of, per rank, whether its checks passed, a hash
+        of ``call`` (the call's arguments) and checksums of the batch's ids, mask and pixels. ``error``: this
+        rank's checks failed; it is raised after the gather, and the other ranks raise a ValueError naming it."""
+        h = int.from_bytes(hashlib.sha1(call.encode()).digest()[:7], "little")  # fits an int64
+        if batch is None:
+            mine = torch.tensor([0, h, 0, 0, 0, 0, 0, 0], device=self.device)
+        else:
+            ids, mask = batch.input_ids.long(), batch.attention_mask.long()
+            w = torch.arange(ids.numel(), device=ids.device).view_as(ids) % 65521 + 1
+            sums = [(ids * w).sum(), (mask * w).sum()]
+            for pv in (batch.pixel_values, batch.pixel_values_videos):  # exact: the values' bits, summed as ints
+                bits = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[pv.element_size()] \
+                    if pv is not None else None
+                sums.append(pv.contiguous().view(bits).sum(dtype=torch.int64) if pv is not None
+                            else torch.zeros((), dtype=torch.int64, device=ids.device))
+            mine = torch.cat([torch.tensor([1, h, *ids.shape], device=ids.device), torch.stack(sums)])
+        every = _all_gather(mine.to(self.device), self.group).view(self.size, 8).tolist()
+        if error is not None:
+            raise error
+        failed = [r for r, row in enumerate(every) if not row[0]]
+        if failed:
+            raise ValueError(f"tensor-parallel rank(s) {failed} of this group rejected the call (see their error); "
+                             "every rank of the group must make the same call")
+        if any(row != every[0] for row in every):
+            what = ["arguments" if row[1] != every[0][1] else "inputs" for row in every if row != every[0]]
+            raise ValueError(f"tensor-parallel ranks got different {' and '.join(sorted(set(what)))} (per rank: "
+                             f"ok, call hash, batch, length, id/mask/pixel/video checksums: {every}); every rank of "
+                             "the group must make the same call on the same batch")
 
 
 def _column(lin: nn.Linear, n: int) -> nn.Linear:

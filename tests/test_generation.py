@@ -1,10 +1,13 @@
 """Generation against transformers' ``generate`` (greedy, fp32, CPU), stopping, and sampling."""
+import dataclasses
+
 import pytest
 import torch
 
-from qwen_batched import ModelInputs
+from qwen_batched import ModelInputs, QwenBatchedVL
+from qwen_batched.config import tiny_config
 from qwen_batched.generation import StaticDecoder, sample
-from tests.helpers import model_inputs, pad_rows
+from tests.helpers import make_hf_model, model_inputs, pad_rows
 
 N_NEW = 16
 
@@ -220,3 +223,25 @@ def test_decode_mode_policy(monkeypatch):
     assert _use_step("compiled", new, 0, 1, 4) and _use_step("graph", kept, 0, 1, 4)
     assert not _use_step("graph", new, 2, 50, 4)  # no stop check yet: all rows may be done already
     assert _use_step("graph", new, 3, n, 4) and not _use_step("graph", new, 3, n - 1, 4)
+
+
+def test_from_hf_stops_at_the_generation_config_eos_ids():
+    """A transformers model's generation_config may name more EOS ids than its config (the published checkpoints:
+    <|im_end|> in config.json, also <|endoftext|> in generation_config.json): from_hf stops where its generate
+    stops, as from_pretrained does."""
+    cfg = tiny_config()
+    im_end = cfg.eos_token_ids[0]
+    hf = make_hf_model(dataclasses.replace(cfg, eos_token_ids=(im_end,)))
+    g = torch.Generator().manual_seed(11)
+    b = pad_rows(cfg, [torch.randint(0, 256, (12,), generator=g).tolist(),
+                       torch.randint(0, 256, (7,), generator=g).tolist()])
+    b = {k: b[k] for k in ("input_ids", "attention_mask")}
+    free = QwenBatchedVL.from_hf(hf).generate(**b, max_new_tokens=8, eos_token_id=[]).sequences
+    x = free[0, 2].item()  # a token row 0 emits: made the generation config's second EOS id
+    hf.generation_config.eos_token_id = [im_end, x]
+    hf.generation_config.pad_token_id = cfg.pad_token_id
+    m = QwenBatchedVL.from_hf(hf)
+    assert x in m.cfg.eos_token_ids
+    with torch.no_grad():
+        ref = hf.generate(**b, max_new_tokens=8, do_sample=False)[:, b["input_ids"].shape[1]:]
+    assert torch.equal(m.generate(**b, max_new_tokens=8).sequences, ref)

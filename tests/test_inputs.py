@@ -110,3 +110,16 @@ def test_a_layout_that_disagrees_with_the_grids_is_an_error(model):
     with pytest.raises(ValueError, match="image_grid_thw .* disagrees with the batch's layout"):
         model.extract_features(stale)
     model.extract_features(a)  # the layout of a batch built whole is right
+
+
+def test_a_placeholder_id_at_a_pad_position_is_a_pad(model):
+    """An image token id under attention_mask 0 is padding: the features equal the batch without it (the vision
+    features go to the real placeholders only), and it is not in image_mask."""
+    b = model_inputs(build_batch(model.cfg, padding_side="left"))
+    ids, mask = b["input_ids"].clone(), b["attention_mask"]
+    r, c = (mask == 0).nonzero()[0].tolist()
+    ids[r, c] = model.cfg.image_token_id
+    out = model.extract_features(**{**b, "input_ids": ids}, layers=[-1])
+    ref = model.extract_features(**b, layers=[-1])
+    assert torch.equal(out.hidden_states[0], ref.hidden_states[0])
+    assert torch.equal(out.image_mask, ref.image_mask)

@@ -905,3 +905,27 @@ def test_a_model_passed_in_is_fingerprinted_by_its_weights(tmp_path, tiny):
     direct = other.generate(images=[[jio.decode_image(os.path.join(folder, r["image"]))] for r in read_jsonl(q)],
                             texts=[r["text"] for r in read_jsonl(q)], max_new_tokens=12).texts
     assert [r["text"] for r in read_jsonl(tmp_path / "a.jsonl")] == [t.strip() for t in direct]
+
+
+def test_extract_text_only_input_beside_images_and_index_after_an_empty_resume(tmp_path, tiny):
+    """--save-vision with a text-only input sharing a shard with an image input: load_features gives it zero vision
+    rows. A resume that finds every input done still writes resolved layers into index.json."""
+    make_images(str(tmp_path), [(84, 56)])
+    write_questions(tmp_path / "in.jsonl", [{"id": "img", "image": "img000.png", "text": "Describe it."},
+                                            {"id": "txt", "text": "A longer prompt with no image at all, only text."}])
+    out = tmp_path / "out"
+    argv = ["extract", "--model", "tiny", "--images", str(tmp_path / "in.jsonl"), "--out", str(out), "--layers",
+            "-1,2", "--batch-size", "1", "--shard-size", "2", "--save-vision", "--no-progress"]
+    jobs.main(argv, model=tiny)
+    index = json.loads((out / "index.json").read_text())
+    assert index["layers"] == [4, 2] and len(index["shards"]) == 1  # both inputs in one shard
+    img, txt = jobs.load_features(str(out), "img"), jobs.load_features(str(out), "txt")
+    assert img["vision_embeds"].shape[0] == 6 and txt["vision_embeds"].shape == (0, img["vision_embeds"].shape[1])
+    os.remove(out / "index.json")  # as if the run died after its last shard, before the merge
+    jobs.main(argv, model=tiny)
+    assert json.loads((out / "index.json").read_text())["layers"] == [4, 2]
+    argv2 = [*argv[:argv.index("--out") + 1], str(tmp_path / "out2"), *argv[argv.index("--out") + 2:]]
+    jobs.main(argv2)  # the job loading the model itself; on the resume none is loaded (nothing left to do)
+    os.remove(tmp_path / "out2" / "index.json")
+    jobs.main(argv2)
+    assert json.loads((tmp_path / "out2" / "index.json").read_text())["layers"] == [4, 2]

@@ -68,20 +68,24 @@ def test_packed_paths_equal_sdpa(setup, backend, hole, monkeypatch):
     assert torch.equal(gen.sequences, ref_gen.sequences)
 
 
-def test_torch_varlen_without_window_size_uses_is_causal(monkeypatch):
-    """torch 2.10's varlen_attn takes is_causal instead of window_size, and no enable_gqa."""
+@pytest.mark.parametrize("causal_kw", ["is_causal", "window_size"])
+def test_torch_varlen_without_enable_gqa(monkeypatch, causal_kw):
+    """torch 2.10's varlen_attn takes is_causal instead of window_size, and no enable_gqa; a later one takes
+    window_size, still without enable_gqa: the KV heads are repeated for the GQA in both."""
     seen = {}
 
-    def old_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=False):
-        seen.update(is_causal=is_causal, heads=k.shape[1])
-        return _segments(q, k, v, cu_q, is_causal, scale)
+    def old_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, **kw):
+        assert set(kw) == {causal_kw}
+        causal = kw[causal_kw] is True or kw[causal_kw] == (-1, 0)
+        seen.update(causal=causal, heads=k.shape[1])
+        return _segments(q, k, v, cu_q, causal, scale)
 
     monkeypatch.setattr(attention, "_torch_varlen", old_varlen)
-    monkeypatch.setattr(attention, "_VARLEN_KW", {"scale", "is_causal"})
+    monkeypatch.setattr(attention, "_VARLEN_KW", {"scale", causal_kw})
     q, k, v = torch.randn(10, 4, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8)
     plan = attention.VarlenPlan.build([6, 4], torch.device("cpu"), "torch_varlen")
     out = attention.varlen_attention(q, k, v, plan, "torch_varlen", causal=True)
-    assert seen == {"is_causal": True, "heads": 4}  # KV heads repeated for the GQA
+    assert seen == {"causal": True, "heads": 4}  # KV heads repeated for the GQA
     torch.testing.assert_close(out, _segments(q, k, v, plan.cu_seqlens, True, None))
     with pytest.raises(ValueError, match="bidirectional"):
         attention.varlen_attention(q, k, v, attention.VarlenPlan.build([6, 4], torch.device("cpu"), "sdpa"), "sdpa",

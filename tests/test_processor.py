@@ -174,6 +174,44 @@ def test_no_resize_is_bit_exact_with_hf(proc, hf_pil, sizes):
     assert (out.pixel_values - ref_pv).abs().max() <= 1e-6
 
 
+def test_transparent_pil_images_composite_on_white_like_hf(proc, hf_pil, tmp_path):
+    """RGBA, LA and palette images with a transparency entry: transparency over white, as the reference reads them
+    (a plain convert("RGB") would drop it); the answer job's image decoding too."""
+    from PIL import Image
+
+    from qwen_batched.jobs.io import decode_image
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (56, 84, 4), dtype=np.uint8)
+    a[..., 3] = rng.integers(0, 256, (56, 84), dtype=np.uint8)  # partly transparent
+    palette = Image.fromarray(a[..., :3]).convert("P")
+    palette.info["transparency"] = 0
+    for img in (Image.fromarray(a, "RGBA"), Image.fromarray(a[..., [0, 3]], "LA"), palette):
+        ref = hf_pil(min_pixels=3136, max_pixels=OFFICIAL_MAX)(images=[img], return_tensors="pt")["pixel_values"]
+        assert (proc.preprocess_images([img]).pixel_values - ref).abs().max() <= 1e-6, img.mode
+    Image.fromarray(a, "RGBA").save(tmp_path / "a.png")
+    decoded = decode_image(str(tmp_path / "a.png"))
+    ref = hf_pil(min_pixels=3136, max_pixels=OFFICIAL_MAX)(images=[Image.open(tmp_path / "a.png")],
+                                                         return_tensors="pt")["pixel_values"]
+    assert (proc.preprocess_images([decoded]).pixel_values - ref).abs().max() <= 1e-6
+
+
+def test_processor_config_of_transformers_5_is_read(tmp_path):
+    """transformers 5 saves the image processor's settings inside processor_config.json (no
+    preprocessor_config.json): its pixel bounds are the checkpoint's, not the published defaults."""
+    import json
+
+    size = {"longest_edge": 200704, "shortest_edge": 3136}
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": {
+        "size": size, "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}}))
+    proc = BatchedImageProcessor.from_pretrained(tmp_path)
+    assert (proc.min_pixels, proc.max_pixels) == (3136, 200704)
+    img = torch.randint(0, 256, (3, 1000, 1000), dtype=torch.uint8)
+    assert proc.preprocess_images([img]).image_grid_thw.tolist() == [[1, 32, 32]]  # transformers' grid there
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 401408}))
+    assert BatchedImageProcessor.from_pretrained(tmp_path).max_pixels == 401408  # the older file first
+
+
 GRID_SIZES = [(200, 300), (700, 1000), (33, 47), (501, 333), (28, 28), (15, 900), (1080, 1920), (97, 13)]
 
 

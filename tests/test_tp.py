@@ -143,13 +143,19 @@ def test_each_rank_holds_half_the_decoder(run, single):
         assert out["heads"] == (2, 1)  # 4 heads, 2 KV heads -> 2 and 1 per rank (and the KV cache)
 
 
-def test_bad_setups_are_clear_errors_on_every_rank(run):
-    _, _, ranks = run
+def test_bad_setups_are_clear_errors_on_every_rank(run, single):
+    _, batch, ranks = run
+    ref = single.extract_features(**model_inputs(batch), layers=[-1]).hidden_states[0]
     for out in ranks:
         assert "tp_size=4 must divide the world size 2" in out["err_world"]
         assert "one dtype" in out["err_dtype"]
         assert "one device type" in out["err_device"]
         assert "different inputs" in out["err_inputs"]
+        assert "different arguments" in out["err_args"]
+        assert "different inputs" in out["err_mask"]
+    assert "vocabulary" in ranks[1]["err_one_rank"] and "rank(s) [1]" in ranks[0]["err_one_rank"]
+    for out in ranks:  # and the group still works
+        rel_close(out["after_errors"], ref)
 
 
 def test_answer_job_with_tp_size_2_writes_what_one_process_writes(run, single):

@@ -65,6 +65,15 @@ def main(work: str) -> None:
     out["heads"] = (a.n_heads, a.n_kv)
     other = dict(inputs, input_ids=inputs["input_ids"].roll(rank, 1))  # rank 1 passes a different batch
     out["err_inputs"] = error_of(lambda: model.extract_features(**other))
+    bad_ids = inputs["input_ids"].clone()
+    bad_ids[0, -1] = model.cfg.text.vocab_size if rank == 1 else bad_ids[0, -1]  # rejected by rank 1 only
+    out["err_one_rank"] = error_of(lambda: model.extract_features(**dict(inputs, input_ids=bad_ids)))
+    out["err_args"] = error_of(lambda: model.generate(**inputs, max_new_tokens=3 + rank, eos_token_id=[]))
+    mask = inputs["attention_mask"].clone()
+    first = int(mask[0].nonzero()[0])
+    mask[0, first] = 0 if rank == 1 else 1  # the same ids, another mask
+    out["err_mask"] = error_of(lambda: model.extract_features(**dict(inputs, attention_mask=mask)))
+    out["after_errors"] = model.extract_features(**inputs, layers=[-1]).hidden_states[0]  # nobody left waiting
 
     tied = QwenBatchedVL.from_pretrained(f"{work}/tied", tp_size=2)
     out["tied_logits"] = tied.lm_head(tied.extract_features(**inputs, layers=[-1]).hidden_states[0])

@@ -8,7 +8,8 @@ import os
 import torch
 
 from .io import FEATURE_SHARD_RE, atomic_write_bytes, list_shards, read_image_inputs, read_json
-from .run import Job, Result
+from ..validation import resolve_layers
+from .run import Job, Result, model_source, source_config
 
 FORMAT = "qwen_batched.features/2"
 TENSORS = {
@@ -176,8 +177,11 @@ class ExtractJob(Job):
         path = os.path.join(self.out_dir, "index.json")
         resolved = next((st["extra"]["layers"] for st in stats if st["extra"].get("layers")), None)
         s, a = self.settings(), self.args
-        index = {"format": FORMAT, "model_id": self.model_id,
-                 "layers": resolved or (read_json(path) or {}).get("layers") or s["layers"],
+        if resolved is None:  # no batch ran here (a resume with nothing left): resolved from the model's config
+            cfg = self.model.cfg if self.model is not None else \
+                source_config(model_source(a.model, a.revision, a.cache_dir))
+            resolved = [int(x) for x in resolve_layers(self.layers, cfg.text.num_hidden_layers)]
+        index = {"format": FORMAT, "model_id": self.model_id, "layers": resolved,
                  "requested_layers": s["layers"], "tokens": s["tokens"], "text": a.text, "conv_mode": s["conv_mode"],
                  "final_norm": s["final_norm"], "tensors": {**TENSORS, **(VISION_TENSOR if s["save_vision"] else {})},
                  "rows": "all non-pad tokens of each input" if s["tokens"] == "all" else "image tokens only",
@@ -224,6 +228,9 @@ def load_features(out_dir: str | os.PathLike, which: int | str) -> dict[str, tor
     out = {}
     with safe_open(os.path.join(out_dir, e["shard"]), framework="pt") as f:
         for name in f.keys():
-            lo, n = (e["vision_offset"], e["vision_length"]) if name == "vision_embeds" else (e["offset"], e["length"])
+            if name == "vision_embeds":  # an input without images holds none (its batch may have had no images)
+                lo, n = e.get("vision_offset", 0), e.get("vision_length", 0)
+            else:
+                lo, n = e["offset"], e["length"]
             out[name] = f.get_slice(name)[lo:lo + n]
     return out

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..config import read_json  # noqa: F401 (the jobs' JSON files: settings.json, index.json)
+from ..image_inputs import pil_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TMP_PREFIX = ".tmp-"
@@ -191,13 +192,14 @@ def read_image_inputs(spec: str, image_folder: str | None = None, text: str = ""
 
 
 def decode_image(path: str) -> torch.Tensor:
-    """Decode to a (3, H, W) uint8 tensor (EXIF rotation applied, converted to RGB); errors name the file."""
+    """Decode to a (3, H, W) uint8 tensor (EXIF rotation applied, converted to RGB with transparency on white as
+    the reference does); errors name the file."""
     import numpy as np
     from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as im:
-            arr = np.asarray(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8).copy()
+            arr = np.asarray(pil_rgb(ImageOps.exif_transpose(im)), dtype=np.uint8).copy()
     except Exception as e:  # noqa: BLE001 - missing, truncated, not an image: one message naming the file
         raise ValueError(f"unreadable image {path}: {type(e).__name__}: {e}") from None
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

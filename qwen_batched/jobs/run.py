@@ -147,9 +147,9 @@ def model_name(spec: str) -> str:
 
 
 # Small files that change what the model sees or says: hashed whole. Weights: see _safetensors_fingerprint.
-_MODEL_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json", "chat_template.json", "chat_template.jinja",
-                "model.safetensors.index.json")
+_MODEL_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json",
+                "chat_template.jinja", "model.safetensors.index.json")
 
 
 def _safetensors_fingerprint(path: str, samples: int = 16, chunk: int = 4096) -> str:
@@ -207,10 +207,15 @@ def resolved_dtype(source: str, device: torch.device, dtype: str, model=None) ->
     if model is not None and isinstance(getattr(model, "dtype", None), torch.dtype):
         return str(model.dtype).replace("torch.", "")
     from ..api import _default_dtype
+
+    return str(_default_dtype(device, source_config(source))).replace("torch.", "")
+
+
+def source_config(source: str):
+    """The ModelConfig of a checkpoint directory or preset (``model_source``'s answer), without loading weights."""
     from ..config import ModelConfig
 
-    cfg = ModelConfig.from_json(source) if os.path.isdir(source) else ModelConfig.from_name(source)
-    return str(_default_dtype(device, cfg)).replace("torch.", "")
+    return ModelConfig.from_json(source) if os.path.isdir(source) else ModelConfig.from_name(source)
 
 
 def load_model(source: str, device: torch.device, dtype: str, weights_seed: int = 0, tp_size: int = 1):
