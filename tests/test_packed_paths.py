@@ -131,3 +131,29 @@ def test_prefill_indexes_real_tokens_without_reads(setup, backend, share, monkey
         model.caches.clear()
     assert not [r for r in c.calls if r in ("nonzero", "__getitem__[bool mask]", "__setitem__[bool mask]")], c.calls
     assert torch.equal(out.sequences, ref.sequences) and len(feats.hidden_states) == model.cfg.text.num_hidden_layers + 1
+
+
+@pytest.mark.parametrize("message, falls_back", [("CUDA out of memory. Tried to allocate 2 GiB", False),
+                                                 ("no kernel image is available for this GPU", True)])
+def test_packed_prefill_failure(setup, monkeypatch, message, falls_back):
+    """A kernel the GPU cannot run falls back to padded SDPA with a warning; running out of memory is raised (the
+    caller halves the batch: padded SDPA would need more memory, not less)."""
+    from qwen_batched import ModelInputs
+    from qwen_batched.text import run_batch
+
+    model, batch = setup
+    x = model._embed(model.validate(ModelInputs(**batch)))
+    kw = dict(rope=model.caches.rope(model.device), keep=[model.cfg.text.num_hidden_layers])
+    _, ref = run_batch(model.model, x.embeds, x.position_ids, x.valid, backend="sdpa", **kw)
+
+    def failing(*args, **kw):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(attention, "_flash_varlen", failing)
+    if falls_back:
+        with pytest.warns(UserWarning, match="padded SDPA"):
+            _, out = run_batch(model.model, x.embeds, x.position_ids, x.valid, backend="flash", **kw)
+        assert all(torch.equal(out[i], ref[i]) for i in ref)
+    else:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            run_batch(model.model, x.embeds, x.position_ids, x.valid, backend="flash", **kw)
