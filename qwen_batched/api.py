@@ -145,8 +145,6 @@ class QwenBatchedVL(nn.Module):
         if not hasattr(hf_model, "named_parameters") or not hasattr(hf_model, "config"):
             raise TypeError(f"hf_model must be a transformers Qwen2_5_VLForConditionalGeneration, got {type(hf_model).__name__}")
         dtype = check_dtype(dtype)
-        if dtype is not None and not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         cfg = ModelConfig.from_dict(hf_model.config.to_dict())
         gen_eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
         if gen_eos is not None:  # as from_pretrained adds generation_config.json's (the published: 151645, 151643)
@@ -317,14 +315,15 @@ class QwenBatchedVL(nn.Module):
                          attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                          image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                          video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
-                         images=None, texts=None, videos=None, fps: float | list[float] | None = None,
+                         mm_token_type_ids: torch.Tensor | None = None, images=None, texts=None, videos=None, fps: float | list[float] | None = None,
                          rescale: bool | None = None, layers=None, final_norm: bool = True,
                          max_batch_tokens: int | None = None, share_prefix: bool = SHARE_PREFIX) -> FeatureOutput:
         """Decoder hidden states of a batch, in the reference's ``output_hidden_states`` convention.
 
         The batch: a ``ModelInputs`` (``model.processor.prepare(...)``), or its tensors as keywords (input_ids /
         attention_mask (B, L), any padding side; pixel_values + image_grid_thw; pixel_values_videos +
-        video_grid_thw + second_per_grid_ts (None: 1 s, as the reference)), or ``images=`` / ``texts=`` /
+        video_grid_thw + second_per_grid_ts (None: 1 s, as the reference); mm_token_type_ids as transformers'
+        processor returns it, so its whole output can be passed), or ``images=`` / ``texts=`` /
         ``videos=`` (with ``fps=``, default 2.0, and ``rescale=``: see ``processor.preprocess_images``), which go
         through ``model.processor.prepare``.
         layers: indices to return (default all): 0 = embeddings, i = output of layer i, num_layers = after the
@@ -346,7 +345,8 @@ class QwenBatchedVL(nn.Module):
             batch = box["batch"] = self._door(
                 inputs, dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                              image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
-                             video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts),
+                             video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+                             mm_token_type_ids=mm_token_type_ids),
                 images, texts, videos, fps, rescale)
         lay, L = batch.layout, batch.input_ids.shape[1]
         groups = self._prefix_groups(batch) if share_prefix else None
@@ -401,7 +401,7 @@ class QwenBatchedVL(nn.Module):
                  attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                  image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                  video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
-                 images=None, texts=None, videos=None, fps: float | list[float] | None = None,
+                 mm_token_type_ids: torch.Tensor | None = None, images=None, texts=None, videos=None, fps: float | list[float] | None = None,
                  rescale: bool | None = None, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, eos_token_id: int | list[int] | None = None, seed: int | list[int] | None = None,
                  compile: bool = False, max_batch_tokens: int | None = None,
@@ -430,7 +430,8 @@ class QwenBatchedVL(nn.Module):
             batch = self._door(
                 inputs, dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                              image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
-                             video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts),
+                             video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+                             mm_token_type_ids=mm_token_type_ids),
                 images, texts, videos, fps, rescale)
             lay = batch.layout
             check_context(max(lay.lengths) + max_new_tokens, self.cfg, "prompt length + max_new_tokens")

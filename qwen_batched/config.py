@@ -126,22 +126,28 @@ class ModelConfig:
                 return td[key]
             return flat.get(key, default)
 
+        def need(key):  # no default in the reference either
+            value = get(key)
+            if value is None:
+                raise ValueError(f"config has no {key} (at the top level or in text_config)")
+            return value
+
         rope = get("rope_scaling") or get("rope_parameters") or {}
         mrope = rope.get("mrope_section")
         if mrope is None:
             raise ValueError("config has no mrope_section in rope_scaling/rope_parameters")
         rope_theta = rope.get("rope_theta", get("rope_theta", 1000000.0))
         text = TextConfig(
-            vocab_size=int(get("vocab_size")),
-            hidden_size=int(get("hidden_size")),
-            intermediate_size=int(get("intermediate_size")),
-            num_hidden_layers=int(get("num_hidden_layers")),
-            num_attention_heads=int(get("num_attention_heads")),
-            num_key_value_heads=int(get("num_key_value_heads") or get("num_attention_heads")),
-            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+            vocab_size=int(need("vocab_size")),
+            hidden_size=int(need("hidden_size")),
+            intermediate_size=int(need("intermediate_size")),
+            num_hidden_layers=int(need("num_hidden_layers")),
+            num_attention_heads=int(need("num_attention_heads")),
+            num_key_value_heads=int(get("num_key_value_heads") or need("num_attention_heads")),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-5)),  # defaults: transformers' Qwen2_5_VLTextConfig
             rope_theta=float(rope_theta),
             mrope_section=tuple(int(x) for x in mrope),
-            max_position_embeddings=int(get("max_position_embeddings", 128000)),
+            max_position_embeddings=int(get("max_position_embeddings", 32768)),
             hidden_act=str(get("hidden_act", "silu")),
         )
         vd = d.get("vision_config") or {}
@@ -164,9 +170,8 @@ class ModelConfig:
         )
         eos = get("eos_token_id", 151645)
         eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None)
-        tie = d.get("tie_word_embeddings")
-        if tie is None:
-            tie = td.get("tie_word_embeddings", False)
+        # as transformers: tied when either level says so (older saves put it in text_config only)
+        tie = bool(d.get("tie_word_embeddings")) or bool(td.get("tie_word_embeddings"))
         bos = get("bos_token_id", 151643)
         pad = get("pad_token_id")
         return cls(

@@ -42,6 +42,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None 
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
         raise TypeError(f"cache_dir must be a path or None, got {type(cache_dir).__name__}")
     name = os.fspath(name_or_path)
+    if os.path.isfile(name):
+        raise FileNotFoundError(f"{name!r} is a file; pass the checkpoint directory holding it "
+                                f"({os.path.dirname(os.path.abspath(name))!r})")
     if os.path.isdir(name):
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to hub ids, but {name!r} is a local directory")

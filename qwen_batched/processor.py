@@ -104,7 +104,7 @@ class BatchedImageProcessor:
                  image_std: Sequence[float] = CLIP_STD, tokenizer=None, chat_template: str | None = None, *,
                  image_token_id: int = 151655, video_token_id: int = 151656, vision_start_token_id: int = 151652,
                  vision_end_token_id: int = 151653, pad_token_id: int = 151643, in_channels: int = 3,
-                 use_triton: bool | None = None):
+                 use_triton: bool | None = None, special_tokens: dict | None = None):
         self.min_pixels, self.max_pixels = self._check_pixels(min_pixels, max_pixels)
         self.patch_size, self.temporal_patch_size, self.merge_size = int(patch_size), int(temporal_patch_size), int(merge_size)
         self.in_channels = int(in_channels)
@@ -115,6 +115,7 @@ class BatchedImageProcessor:
         if chat_template is not None and chat_template.strip() == default_chat_template().strip():
             chat_template = None  # the published template: rendered by the built-in formatter
         self.chat_template = chat_template
+        self.special_tokens = dict(special_tokens or {})  # eos_token, bos_token, ...: variables of the template
         self.image_token_id, self.video_token_id = int(image_token_id), int(video_token_id)
         self.vision_start_token_id, self.vision_end_token_id = int(vision_start_token_id), int(vision_end_token_id)
         self.pad_token_id = int(pad_token_id)
@@ -157,7 +158,8 @@ class BatchedImageProcessor:
         tok_path = os.path.join(path, "tokenizer.json")
         tokenizer = load_tokenizer(tok_path) if os.path.isfile(tok_path) else None
         ids = _token_ids(model_config) if model_config is not None else _tokenizer_ids(tokenizer)
-        return cls.from_config_dict(pre, tokenizer=tokenizer, chat_template=_find_chat_template(path), **{**ids, **kwargs})
+        return cls.from_config_dict(pre, tokenizer=tokenizer, chat_template=_find_chat_template(path),
+                                    special_tokens=_special_tokens(path), **{**ids, **kwargs})
 
     def _check_tokenizer_ids(self) -> None:
         if self.tokenizer is None:
@@ -424,7 +426,7 @@ class BatchedImageProcessor:
             return render_raw(text, n_images, n_videos)
         if self.chat_template is None:
             return render_builtin(text, n_images, system_prompt, n_videos)
-        return render_jinja(self.chat_template, text, n_images, system_prompt, n_videos)
+        return render_jinja(self.chat_template, text, n_images, system_prompt, n_videos, self.special_tokens)
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True) -> list[str]:
         """Token id rows (tensor or lists) -> strings, with this processor's tokenizer."""
@@ -467,6 +469,20 @@ def _tokenizer_ids(tokenizer) -> dict[str, int]:
              "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
     found = {name: tokenizer.token_to_id(token) for name, token in names.items()}
     return {name: i for name, i in found.items() if i is not None}
+
+
+def _special_tokens(path: str) -> dict[str, str]:
+    """The tokenizer's named special tokens (``eos_token`` ...) from ``special_tokens_map.json`` and
+    ``tokenizer_config.json`` (the latter wins), as strings: what a chat template may refer to."""
+    out = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        cfg = read_json(os.path.join(path, name)) or {}
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token"):
+            tok = cfg.get(key)
+            tok = tok.get("content") if isinstance(tok, dict) else tok  # an AddedToken as saved
+            if isinstance(tok, str):
+                out[key] = tok
+    return out
 
 
 def _find_chat_template(path: str) -> str | None:

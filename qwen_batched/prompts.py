@@ -6,7 +6,9 @@ content order.
 """
 from __future__ import annotations
 
+import datetime
 import functools
+import json
 from typing import Sequence
 
 import numpy as np
@@ -39,19 +41,35 @@ def chat_messages(text: str, n_images: int, system_prompt: str | None, n_videos:
     return messages
 
 
+def _raise_exception(message):
+    raise ValueError(f"the chat template refused the prompt: {message}")
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 @functools.lru_cache(maxsize=8)
 def _compile(template: str):
+    """The environment chat templates are written for (transformers renders them so): loop controls, its
+    ``raise_exception`` / ``strftime_now`` globals and a non-escaping ``tojson``."""
     try:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("rendering a checkpoint's chat template needs jinja2 (pip install jinja2)") from e
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     return env.from_string(template)
 
 
-def render_jinja(template: str, text: str, n_images: int, system_prompt: str | None, n_videos: int = 0) -> str:
-    """Render a jinja chat template (a checkpoint's ``chat_template``) with a generation prompt."""
-    return _compile(template).render(messages=chat_messages(text, n_images, system_prompt, n_videos),
+def render_jinja(template: str, text: str, n_images: int, system_prompt: str | None, n_videos: int = 0,
+                 special_tokens: dict | None = None) -> str:
+    """Render a jinja chat template (a checkpoint's ``chat_template``) with a generation prompt; the tokenizer's
+    special tokens (``eos_token``, ``bos_token``, ...) are template variables, as in transformers."""
+    return _compile(template).render(**(special_tokens or {}),
+                                     messages=chat_messages(text, n_images, system_prompt, n_videos),
                                      add_generation_prompt=True)
 
 

@@ -20,12 +20,12 @@ def is_int(x) -> bool:
 
 
 def check_dtype(dtype) -> torch.dtype | None:
-    """None, a torch.dtype or its name ('bfloat16', 'torch.float32') -> torch.dtype or None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
+    """None, a floating torch.dtype or its name ('bfloat16', 'torch.float32') -> torch.dtype or None."""
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype.replace("torch.", ""), None), torch.dtype):
-        return getattr(torch, dtype.replace("torch.", ""))
-    raise TypeError(f"dtype must be a torch.dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
+        dtype = getattr(torch, dtype.replace("torch.", ""))
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise TypeError(f"dtype must be a floating-point dtype, a torch.dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
 
 
 def resolve_layers(layers, n_layers: int) -> tuple[int, ...]:

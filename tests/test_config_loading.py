@@ -60,6 +60,25 @@ def test_nested_transformers5_format_round_trips():
     assert nested.vision.out_hidden_size == flat.vision.out_hidden_size and nested.vision.in_channels == 3
 
 
+def test_missing_keys_default_as_transformers_or_are_named():
+    """Keys the reference has defaults for take its defaults; those without one are a ValueError naming them;
+    a config tied at either level (older saves: text_config only) is tied, as transformers reads it."""
+    from transformers import Qwen2_5_VLConfig
+
+    d = _published_7b()
+    for key in ("rms_norm_eps", "max_position_embeddings"):
+        d.pop(key, None)
+    ref = Qwen2_5_VLConfig(**d).text_config
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.text.rms_norm_eps == ref.rms_norm_eps and cfg.text.max_position_embeddings == ref.max_position_embeddings
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
+        broken = {k: v for k, v in _published_7b().items() if k != key}
+        with pytest.raises(ValueError, match=f"config has no {key}"):
+            ModelConfig.from_dict(broken)
+    tied = {**_published_7b(), "tie_word_embeddings": False, "text_config": {"tie_word_embeddings": True}}
+    assert ModelConfig.from_dict(tied).tie_word_embeddings == Qwen2_5_VLConfig(**tied).tie_word_embeddings is True
+
+
 def test_other_architecture_rejected():
     with pytest.raises(ValueError, match="not a Qwen2.5-VL config"):
         ModelConfig.from_dict({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
@@ -162,6 +181,17 @@ def test_checkpoint_file_errors(tmp_path, hf_model):
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="pickle checkpoints are not loaded"):
         QwenBatchedVL.from_pretrained(tmp_path)
+
+
+def test_non_float_dtype_and_a_file_path_are_clear_errors(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path)
+    for dtype in (torch.int64, "int32"):
+        with pytest.raises(TypeError, match="floating-point dtype"):
+            QwenBatchedVL.from_pretrained(tmp_path, dtype=dtype)
+    with pytest.raises(TypeError, match="floating-point dtype"):
+        QwenBatchedVL.from_config("tiny", dtype=torch.int64)
+    with pytest.raises(FileNotFoundError, match="is a file; pass the checkpoint directory"):
+        QwenBatchedVL.from_pretrained(tmp_path / "config.json")
 
 
 def test_from_config_and_backend_errors():

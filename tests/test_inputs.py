@@ -123,3 +123,14 @@ def test_a_placeholder_id_at_a_pad_position_is_a_pad(model):
     ref = model.extract_features(**b, layers=[-1])
     assert torch.equal(out.hidden_states[0], ref.hidden_states[0])
     assert torch.equal(out.image_mask, ref.image_mask)
+
+
+def test_a_transformers_processor_output_can_be_passed_whole(model):
+    """transformers' processor returns mm_token_type_ids beside the tensors: accepted as a keyword (carried as
+    ModelInputs carries it; the ids decide where the images go)."""
+    full = {k: v for k, v in build_batch(model.cfg).items() if k not in ("rows", "grids", "pixels")}
+    assert "mm_token_type_ids" in full
+    ref = model.extract_features(**model_inputs(full), layers=[-1]).hidden_states[0]
+    assert torch.equal(model.extract_features(**full, layers=[-1]).hidden_states[0], ref)
+    assert torch.equal(model.generate(**full, max_new_tokens=2, eos_token_id=[]).sequences,
+                       model.generate(**model_inputs(full), max_new_tokens=2, eos_token_id=[]).sequences)

@@ -9,7 +9,7 @@ import torch
 
 from qwen_batched.config import TINY_SPECIAL_TOKENS, default_chat_template, tiny_config
 from qwen_batched.processor import BatchedImageProcessor, load_processor
-from qwen_batched.prompts import chat_messages, render_builtin
+from qwen_batched.prompts import chat_messages, render_builtin, render_jinja
 from qwen_batched.tokenizer import ByteTokenizer, load_tokenizer
 
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -142,6 +142,36 @@ def test_checkpoint_template_is_rendered_with_jinja(tokenizer_dir, hf):
         chat_messages("Hi", 2, None), tokenize=False, add_generation_prompt=True,
         chat_template=custom)
     assert "You answer in French." in p._render("Hi", 0, True, None)
+
+
+def test_checkpoint_templates_get_what_transformers_gives_them(tokenizer_dir, hf, tmp_path):
+    """A fine-tune's template may use the tokenizer's special tokens ({{ eos_token }}), loop controls
+    ({% break %}), raise_exception and tojson: rendered as transformers renders them."""
+    import shutil
+
+    turn = ("<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+            "<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+            "{% endfor %}")
+    templates = {
+        "eos": "{% for m in messages %}" + turn + "{{ eos_token }}\n{% endfor %}<|im_start|>assistant\n",
+        "break": "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}" + turn
+                 + "<|im_end|>\n{% endfor %}<|im_start|>assistant\n",
+        "tojson": "{% for m in messages %}" + turn + "{{ {'n': 'é'} | tojson }}<|im_end|>\n{% endfor %}"
+                  "{% if messages | length > 9 %}{{ raise_exception('too long') }}{% endif %}<|im_start|>assistant\n",
+    }
+    hf.tokenizer.eos_token = "<|im_end|>"
+    for name, template in templates.items():
+        d = tmp_path / name
+        d.mkdir()
+        shutil.copy(tokenizer_dir / "tokenizer.json", d / "tokenizer.json")
+        (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|im_end|>"},
+                                                             "chat_template": template}))
+        p = BatchedImageProcessor.from_pretrained(d)
+        messages = chat_messages("Hi", 1, "Be brief.")
+        ref = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, chat_template=template)
+        assert p._render("Hi", 1, True, "Be brief.") == ref, name
+    with pytest.raises(ValueError, match="too long"):
+        render_jinja(templates["tojson"].replace("> 9", "> 0"), "Hi", 0, None)
 
 
 def test_from_pretrained_loads_tokenizer_and_template(tokenizer_dir, ours):
