@@ -22,7 +22,7 @@ from qwen_batched.config import ModelConfig, VisionConfig  # noqa: E402
 from qwen_batched.attention import resolve_backend  # noqa: E402
 from qwen_batched.caches import ModelCaches  # noqa: E402
 from qwen_batched.validation import host_grids  # noqa: E402
-from qwen_batched.vision import VisionTransformer  # noqa: E402
+from qwen_batched.vision import VisionTransformer, align_mlp  # noqa: E402
 from tests.helpers import hf_config_dict  # noqa: E402
 
 CPU_SMALL = VisionConfig(depth=8, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=256,
@@ -74,6 +74,8 @@ def build(cfg: VisionConfig, device, dtype, hf_attn: str = "sdpa"):
     ours = VisionTransformer(cfg).to(device=device, dtype=dtype).eval()
     sd = {k: (v.reshape(v.shape[0], -1) if k == "patch_embed.proj.weight" else v) for k, v in hf.state_dict().items()}
     ours.load_state_dict(sd, strict=True)
+    if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        align_mlp(ours, 64)  # what QwenBatchedVL runs there (its _adapt); the FLOP count stays the config's
     caches = ModelCaches(ModelConfig(vision=cfg))
     backend = resolve_backend("auto", torch.device(device), dtype)
 

@@ -168,5 +168,7 @@ def write_json(path: str | None, payload: dict) -> None:
     if not path:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:  # whole or not at all: a part killed by its time limit leaves no half file
         json.dump(payload, f, indent=2)
+    os.replace(tmp, path)

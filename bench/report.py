@@ -90,9 +90,13 @@ def main(argv=None):
     if os.path.isfile(args.inputs):  # re-render a merged report
         with open(args.inputs) as fh:
             parts = json.load(fh)["benchmarks"]
+    unreadable = []
     for f in sorted(glob.glob(os.path.join(args.inputs, "*.json"))):
-        with open(f) as fh:
-            parts[os.path.splitext(os.path.basename(f))[0]] = json.load(fh)
+        try:
+            with open(f) as fh:
+                parts[os.path.splitext(os.path.basename(f))[0]] = json.load(fh)
+        except (OSError, ValueError) as e:  # one broken part must not cost the report of the others
+            unreadable.append(f"{os.path.basename(f)} ({type(e).__name__})")
     if not parts:
         raise SystemExit(f"no benchmark JSON files in {args.inputs}")
     meta = next(iter(parts.values())).get("meta", {})
@@ -101,8 +105,10 @@ def main(argv=None):
     if device.lower().startswith("cpu"):
         lines += ["CPU figures: small real-geometry configs, float32; they show per-call overhead and batching, "
                   "not GPU throughput.", ""]
-    lines += ["Medians over >= 5 runs after warm-up (CUDA-synchronised on GPU); baselines measured in the same run "
-              "on the same inputs.", ""]
+    lines += ["Medians after warm-up (CUDA-synchronised on GPU; repetitions per part as its command or meta says); "
+              "baselines measured in the same run on the same inputs.", ""]
+    if unreadable:
+        lines += [f"Unreadable part results, left out: {', '.join(unreadable)}.", ""]
     scaling = {}
     for name, data in parts.items():
         m = data.get("meta", {})

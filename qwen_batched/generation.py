@@ -308,8 +308,6 @@ def _decode_fns(model, batch: int, length: int, mode: str):
                 t.zero_()
             return dec, step
         caches.decode = None  # drop the old cache before allocating a new one
-    elif caches.decode is not None and caches.decode[0][0] == "graph":
-        caches.decode = None  # graphs switched off (CUDA_GRAPHS): the kept graph's cache is not needed
     n_kv = model.model.layers[0].self_attn.n_kv  # this rank's KV heads under tensor parallelism
     cache = KVCache(cfg.num_hidden_layers, batch, n_kv, length, cfg.head_dim, model.device, model.dtype)
     dec = StaticDecoder(model.model, model.lm_head, cache, caches.rope(model.device))

@@ -797,9 +797,9 @@ def test_answer_with_a_hub_id_offline(tmp_path, hub_tiny, monkeypatch):
     jobs.main(argv)
     rows = read_jsonl(out)
     assert len(rows) == 3 and all(r["model_id"] == "org/tiny-vl" and "error" not in r for r in rows)
-    # the same files as a directory are the same model: nothing to redo
+    # the same files as a directory are the same model: nothing to redo (the file names this run's model)
     jobs.main([*argv[:2], str(src), *argv[3:]], model=FakeModel(crash_after=0))
-    assert read_jsonl(out) == rows
+    assert read_jsonl(out) == [dict(r, model_id=os.path.basename(src)) for r in rows]
     with pytest.raises(SystemExit, match="error: --model: 'org/missing' is not a local directory and it is not in "
                                          "the hub cache"):
         jobs.main([*argv[:2], "org/missing", *argv[3:]])
@@ -869,6 +869,43 @@ def test_cli_help_shows_defaults_and_bad_options_are_refused(tmp_path, capsys):
             run_fake(FakeModel(), "--questions", q, "--answers", tmp_path / "a.jsonl", flag, value)
     with pytest.raises(SystemExit, match="does not exist"):
         run_fake(FakeModel(), "--questions", tmp_path / "nope.jsonl", "--answers", tmp_path / "a.jsonl")
+    for flag, value, said in (("--limit", -1, ">= 0"), ("--workers", -2, ">= 0"), ("--sort-window", 0, ">= 1"),
+                              ("--max-model-failures", 0, ">= 1"), ("--prefetch", 0, ">= 1"),
+                              ("--max-new-tokens", 0, "max_new_tokens must be an int >= 1"),
+                              ("--temperature", -1, "temperature must be a number >= 0"),
+                              ("--top-k", -5, "top_k must be an int >= 0"), ("--top-p", 0, "top_p must be in")):
+        m = FakeModel()
+        with pytest.raises(SystemExit, match=f"{flag}.*{said}"):  # before anything is read or run
+            run_fake(m, "--questions", q, "--answers", tmp_path / "a.jsonl", flag, value)
+        assert m.batches == [] and not (tmp_path / "a.jsonl").exists()
+
+
+def test_extract_layers_checked_from_the_config_before_loading(tmp_path, monkeypatch):
+    from qwen_batched.jobs import run as jrun_module
+
+    def no_load(*args, **kw):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(jrun_module, "load_model", no_load)
+    folder = tmp_path / "imgs"
+    make_images(str(folder), [(56, 56)])
+    with pytest.raises(SystemExit, match="out of range"):
+        jobs.main(["extract", "--model", "tiny", "--images", str(folder), "--out", str(tmp_path / "f"),
+                   "--layers", "-1,9", "--no-progress"])
+    assert not (tmp_path / "f" / "settings.json").exists()
+
+
+def test_resumed_answers_carry_this_runs_model_id(tmp_path):
+    """The same checkpoint under another name (a symlink, a hub id and its snapshot): the answers file names one."""
+    q, folder = dataset(tmp_path, n=4)
+    ckpt = tmp_path / "ckptA"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    os.symlink(ckpt, tmp_path / "ckptB")
+    for name, extra in (("ckptA", ("--limit", 2)), ("ckptB", ())):
+        jobs.main(["answer", "--model", str(tmp_path / name), "--questions", q, "--image-folder", folder,
+                   "--answers", str(tmp_path / "a.jsonl"), "--no-progress", *map(str, extra)], model=FakeModel())
+    assert {r["model_id"] for r in read_jsonl(tmp_path / "a.jsonl")} == {"ckptB"}
 
 
 def test_load_features_rejects_bad_arguments(tmp_path):

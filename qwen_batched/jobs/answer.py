@@ -110,8 +110,8 @@ class AnswerJob(Job):
             if it.error is not None:
                 aid = hashlib.sha256(f"{it.index}\x00{it.error}".encode()).hexdigest()[:22]
                 rec = self._record(pos, "", {"finish_reason": "error"}, error=it.error, answer_id=aid)
-            elif it.key in done and done[it.key][0] == it.digest:
-                rec = done[it.key][1]
+            elif it.key in done and done[it.key][0] == it.digest:  # (the same weights: the manifest checked them)
+                rec = {**done[it.key][1], "model_id": self.model_id}  # one name in the file, this run's
             else:
                 missing.append(it)
                 continue

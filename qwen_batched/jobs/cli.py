@@ -7,6 +7,7 @@ import re
 import sys
 from typing import Sequence
 
+from ..validation import check_generate_args
 from .answer import run_answer
 from .extract import run_extract
 
@@ -141,10 +142,17 @@ def main(argv: Sequence[str] | None = None, model=None) -> int:
         args.prefetch = max(2, args.workers + 1)
     if getattr(args, "image_cache_mb", 0) < 0:
         raise SystemExit(f"error: --image-cache-mb must be >= 0, got {args.image_cache_mb}")
-    for name in ("batch_size", "shard_size", "min_pixels", "max_pixels", "max_batch_tokens"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {value}")
+    for name, least in (("batch_size", 1), ("shard_size", 1), ("min_pixels", 1), ("max_pixels", 1),
+                        ("max_batch_tokens", 1), ("sort_window", 1), ("prefetch", 1), ("max_model_failures", 1),
+                        ("workers", 0), ("limit", 0)):
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= {least}, got {value}")
+    if args.command == "answer":  # before anything is read or loaded (else every item would fail in the model)
+        try:
+            check_generate_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p, None, False)
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"error: --{str(e).split(' ')[0].replace('_', '-')}: {e}") from None
     if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
         raise SystemExit(f"error: --min-pixels {args.min_pixels} > --max-pixels {args.max_pixels}")
     src = args.questions if args.command == "answer" else args.images

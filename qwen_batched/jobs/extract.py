@@ -153,8 +153,13 @@ class ExtractJob(Job):
     def rank_stats(self) -> dict:
         return {"layers": self.resolved_layers}
 
+    def check_source(self, source: str) -> None:
+        self._check_layers(source_config(source).text.num_hidden_layers)
+
     def check_model(self, model) -> None:
-        n = model.cfg.text.num_hidden_layers
+        self._check_layers(model.cfg.text.num_hidden_layers)
+
+    def _check_layers(self, n: int) -> None:
         bad = [L for L in self.layers if not -(n + 1) <= L <= n]
         if bad:
             raise SystemExit(f"error: --layers {bad} out of range: this model has hidden states 0..{n} "

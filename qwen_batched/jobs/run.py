@@ -539,6 +539,7 @@ class Job:
     def error_result(self, pos: int, msg: str) -> Result: ...
     def merge(self, stats: list[dict]) -> tuple[str, int]: ...  # (where, error lines in the output)
     def check_model(self, model) -> None: ...                     # fail before any work on options the model can't do
+    def check_source(self, source: str) -> None: ...              # the same from the config alone, before loading
 
     def rank_stats(self) -> dict:
         return {}
@@ -555,6 +556,7 @@ class Job:
         a = self.args
         items = self.read_items()
         source = model_source(a.model, a.revision, a.cache_dir)
+        self.check_source(source)
         manifest = {"format": self.format,
                     "model": {"source": a.model, "fingerprint": model_fingerprint(source, a.weights_seed)},
                     "settings": {**self.settings(), "dtype": resolved_dtype(source, self.device, a.dtype, self.model),
