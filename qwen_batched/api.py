@@ -55,6 +55,7 @@ class QwenBatchedVL(nn.Module):
         self.processor = None  # set by the constructors below (BatchedImageProcessor)
         self.tp = None  # tp.TensorParallel when split across ranks (tp_size > 1)
         self.image_cache = None  # see enable_image_cache
+        self.moves = 0  # .to() / .half() ... so far: what a feature step built before one would read is gone
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -114,6 +115,7 @@ class QwenBatchedVL(nn.Module):
         from .hub import resolve_checkpoint
         from .loading import load_state_dict
 
+        check_dtype(dtype)  # before anything is downloaded or read
         path = resolve_checkpoint(path, revision=revision, cache_dir=cache_dir)
         cfg = ModelConfig.from_json(path)
         eos = load_generation_eos(path)
@@ -204,6 +206,7 @@ class QwenBatchedVL(nn.Module):
         """After ``.to()`` / ``.half()`` ...: adapt to the new device and dtype (``_adapt``), drop device-bound caches
         and the image cache (its features were made in the old dtype, on the old device)."""
         out = super()._apply(fn, recurse)
+        self.moves = getattr(self, "moves", 0) + 1  # (_apply also runs inside __init__, before the line above)
         if self.model.embed_tokens.weight.device.type != "meta":
             self._adapt()
             self.caches.clear()
@@ -348,6 +351,7 @@ class QwenBatchedVL(nn.Module):
                              video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
                              mm_token_type_ids=mm_token_type_ids),
                 images, texts, videos, fps, rescale)
+            box["call"] = repr(("extract_features", layers, final_norm, budget, share_prefix))
         lay, L = batch.layout, batch.input_ids.shape[1]
         groups = self._prefix_groups(batch) if share_prefix else None
         order = groups.order() if groups is not None else list(range(batch.batch_size))
@@ -436,6 +440,8 @@ class QwenBatchedVL(nn.Module):
             lay = batch.layout
             check_context(max(lay.lengths) + max_new_tokens, self.cfg, "prompt length + max_new_tokens")
             box["batch"] = batch
+            box["call"] = repr(("generate", max_new_tokens, float(temperature), top_k, float(top_p), eos_ids, seed,
+                                compile, budget, share_prefix))
         seeds = torch.tensor(row_seeds(seed, batch.batch_size), dtype=torch.int64, device=self.device)
         if self.tp is not None and seed is None:  # the drawn base seed may differ by rank: take the first rank's
             seeds = self.tp.from_first(seeds)
@@ -479,7 +485,8 @@ class QwenBatchedVL(nn.Module):
 
     @contextlib.contextmanager
     def _same_call(self, call: str):
-        """Around a call's argument checks and the batch's validation (the body sets ``box["batch"]``): under
+        """Around a call's argument checks and the batch's validation (the body sets ``box["batch"]``, and
+        ``box["call"]``: its arguments resolved, so that equal ones written otherwise agree): under
         tensor parallelism every rank then learns that every rank passed them with the same arguments and batch
         (``TensorParallel.agree``), so that a call failing or differing on one rank is an error on all of them,
         never a wait for a collective that rank will not join. Nothing without tensor parallelism."""
@@ -491,7 +498,7 @@ class QwenBatchedVL(nn.Module):
             yield box
         except Exception as e:  # noqa: BLE001 - whatever stopped this rank, the others must hear of it
             self.tp.agree(None, call, e)
-        self.tp.agree(box["batch"], call)
+        self.tp.agree(box["batch"], box.get("call", call))  # the resolved arguments when the body set them
 
     def _door(self, inputs, tensors: dict, images, texts, videos, fps, rescale) -> ModelInputs:
         """Whatever form the batch came in -> one validated ``ModelInputs`` on the model's device."""

@@ -159,6 +159,7 @@ class FeatureStep:
         self.image_size = proc.smart_resize(height, width)  # ValueError for an extreme aspect ratio
         device, dtype = model.device, model.dtype
         self.device, self.dtype = device, dtype
+        self._moves = model.moves
         self.backend = model.backend
         B, N = batch_size, n_cameras
 
@@ -313,9 +314,10 @@ class FeatureStep:
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def __call__(self, frames, texts=None) -> FeatureOutput:
-        if self.model.dtype != self.dtype or self.model.device != self.device:
-            raise ValueError(f"the model is now {self.model.dtype} on {self.model.device}, the step was built for "
-                             f"{self.dtype} on {self.device}; build a new step (model.feature_step(...))")
+        if self.model.moves != self._moves:  # new weight tensors, even back in the same dtype and device: a
+            # captured graph would read the old ones
+            raise ValueError(f"the model was moved or converted (.to(), .half(), ...) after this step was built "
+                             f"for {self.dtype} on {self.device}; build a new step (model.feature_step(...))")
         frames, order = self._check_frames(frames)
         ids, pad = self._text_tensors(self._resolve_texts(texts))
         self.cameras = order  # every check passed

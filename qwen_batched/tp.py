@@ -172,13 +172,17 @@ class TensorParallel:
             mine = torch.tensor([0, h, 0, 0, 0, 0, 0, 0], device=self.device)
         else:
             ids, mask = batch.input_ids.long(), batch.attention_mask.long()
-            w = torch.arange(ids.numel(), device=ids.device).view_as(ids) % 65521 + 1
-            sums = [(ids * w).sum(), (mask * w).sum()]
-            for pv in (batch.pixel_values, batch.pixel_values_videos):  # exact: the values' bits, summed as ints
-                bits = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[pv.element_size()] \
-                    if pv is not None else None
-                sums.append(pv.contiguous().view(bits).sum(dtype=torch.int64) if pv is not None
-                            else torch.zeros((), dtype=torch.int64, device=ids.device))
+            sums = [_weighted_sum(ids), _weighted_sum(mask)]
+            for pv, grid in ((batch.pixel_values, batch.image_grid_thw),
+                             (batch.pixel_values_videos, batch.video_grid_thw)):
+                if pv is None:
+                    sums.append(torch.zeros((), dtype=torch.int64, device=ids.device))
+                    continue
+                bits = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[pv.element_size()]
+                rows = pv.contiguous().view(bits).view(pv.shape[0], -1).sum(1, dtype=torch.int64)  # exact, per row
+                sums.append(_weighted_sum(rows) + _weighted_sum(grid.long().to(ids.device)))  # order and grids count
+            if batch.second_per_grid_ts is not None:  # its float32 bits
+                sums[-1] = sums[-1] + _weighted_sum(batch.second_per_grid_ts.float().to(ids.device).view(torch.int32))
             mine = torch.cat([torch.tensor([1, h, *ids.shape], device=ids.device), torch.stack(sums)])
         every = _all_gather(mine.to(self.device), self.group).view(self.size, 8).tolist()
         if error is not None:
@@ -192,6 +196,13 @@ class TensorParallel:
             raise ValueError(f"tensor-parallel ranks got different {' and '.join(sorted(set(what)))} (per rank: "
                              f"ok, call hash, batch, length, id/mask/pixel/video checksums: {every}); every rank of "
                              "the group must make the same call on the same batch")
+
+
+def _weighted_sum(x: torch.Tensor) -> torch.Tensor:
+    """sum of x's integer values, each weighted by its position (so an order change changes it), in int64 (exact,
+    wrapping: the same on every rank)."""
+    x = x.reshape(-1).long()
+    return (x * (torch.arange(x.numel(), device=x.device) % 65521 + 1)).sum()
 
 
 def _column(lin: nn.Linear, n: int) -> nn.Linear:

@@ -966,3 +966,17 @@ def test_extract_text_only_input_beside_images_and_index_after_an_empty_resume(t
     os.remove(tmp_path / "out2" / "index.json")
     jobs.main(argv2)
     assert json.loads((tmp_path / "out2" / "index.json").read_text())["layers"] == [4, 2]
+
+
+def test_extract_layers_of_a_model_passed_in_are_checked_against_it(tmp_path):
+    """jobs.main(argv, model=M): --layers is checked against M, not against the config --model names."""
+    from qwen_batched import QwenBatchedVL
+
+    cfg = tiny_config()
+    six = QwenBatchedVL.from_config(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_hidden_layers=6)))
+    folder = tmp_path / "imgs"
+    make_images(str(folder), [(56, 56)])
+    argv = ["extract", "--model", "tiny", "--images", str(folder), "--out", str(tmp_path / "f"), "--layers", "6",
+            "--no-progress"]
+    jobs.main(argv, model=six)  # layer 6 exists in M (the tiny preset has 4)
+    assert "layer.6" in jobs.load_features(str(tmp_path / "f"), 0)

@@ -259,10 +259,13 @@ def test_a_model_moved_after_the_step_was_built_is_an_error(models):
     m = models[1]
     step = m.feature_step(1, 1, 56, 56, texts="go")
     frames = _frames(1, 1, 56, 56)
-    step(frames)
+    ref = step(frames)
     m.to(torch.float64)
     try:
         with pytest.raises(ValueError, match="build a new step"):
             step(frames)
     finally:
         m.to(torch.float32)
+    with pytest.raises(ValueError, match="build a new step"):  # back to float32: still other weight tensors
+        step(frames)
+    assert torch.equal(m.feature_step(1, 1, 56, 56, texts="go")(frames).hidden_states[0], ref.hidden_states[0])

@@ -153,6 +153,8 @@ def test_bad_setups_are_clear_errors_on_every_rank(run, single):
         assert "different inputs" in out["err_inputs"]
         assert "different arguments" in out["err_args"]
         assert "different inputs" in out["err_mask"]
+        assert "different inputs" in out["err_pixel_order"]
+        assert out["same_call_spelled_otherwise"] == "no error"  # layers [-1] and (4,) are one request
     assert "vocabulary" in ranks[1]["err_one_rank"] and "rank(s) [1]" in ranks[0]["err_one_rank"]
     for out in ranks:  # and the group still works
         rel_close(out["after_errors"], ref)

@@ -73,6 +73,13 @@ def main(work: str) -> None:
     first = int(mask[0].nonzero()[0])
     mask[0, first] = 0 if rank == 1 else 1  # the same ids, another mask
     out["err_mask"] = error_of(lambda: model.extract_features(**dict(inputs, attention_mask=mask)))
+    pixels = inputs["pixel_values"].clone()
+    if rank == 1:  # the same values in another order (patch rows of the first image reversed)
+        n0 = int(inputs["image_grid_thw"][0].prod())
+        pixels[:n0] = pixels[:n0].flip(0)
+    out["err_pixel_order"] = error_of(lambda: model.extract_features(**dict(inputs, pixel_values=pixels)))
+    out["same_call_spelled_otherwise"] = error_of(lambda: model.extract_features(
+        **inputs, layers=[-1] if rank == 0 else (model.cfg.text.num_hidden_layers,)))
     out["after_errors"] = model.extract_features(**inputs, layers=[-1]).hidden_states[0]  # nobody left waiting
 
     tied = QwenBatchedVL.from_pretrained(f"{work}/tied", tp_size=2)

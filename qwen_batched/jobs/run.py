@@ -186,7 +186,7 @@ def weights_fingerprint(model, samples: int = 64) -> str:
     """What identifies a model passed in by the caller (``jobs.main(argv, model=M)``), whose weights need not be
     what ``--model`` names: its config and ``samples`` evenly spaced values of every tensor of its state dict (one
     device read), hashed."""
-    state = model.state_dict()  # the config's shapes (an aligned vision MLP is cut back)
+    state = dict(model.named_parameters())  # as held (no copies; the device and dtype are in the manifest)
     h = hashlib.sha256(repr(model.cfg).encode())
     picks = []
     for name in sorted(state):
@@ -556,7 +556,8 @@ class Job:
         a = self.args
         items = self.read_items()
         source = model_source(a.model, a.revision, a.cache_dir)
-        self.check_source(source)
+        if self.model is None:  # (a model passed in need not be what --model names: check_model checks it)
+            self.check_source(source)
         manifest = {"format": self.format,
                     "model": {"source": a.model, "fingerprint": model_fingerprint(source, a.weights_seed)},
                     "settings": {**self.settings(), "dtype": resolved_dtype(source, self.device, a.dtype, self.model),
