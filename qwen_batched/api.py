@@ -205,8 +205,10 @@ class QwenBatchedVL(nn.Module):
     def _apply(self, fn, recurse=True):
         """After ``.to()`` / ``.half()`` ...: adapt to the new device and dtype (``_adapt``), drop device-bound caches
         and the image cache (its features were made in the old dtype, on the old device)."""
+        before = [p.data_ptr() for p in self.parameters()]
         out = super()._apply(fn, recurse)
-        self.moves = getattr(self, "moves", 0) + 1  # (_apply also runs inside __init__, before the line above)
+        if [p.data_ptr() for p in self.parameters()] != before:  # new weight tensors (a no-op .to() keeps them)
+            self.moves = getattr(self, "moves", 0) + 1  # (_apply also runs inside __init__, before moves is set)
         if self.model.embed_tokens.weight.device.type != "meta":
             self._adapt()
             self.caches.clear()

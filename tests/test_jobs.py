@@ -870,7 +870,7 @@ def test_cli_help_shows_defaults_and_bad_options_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit, match="does not exist"):
         run_fake(FakeModel(), "--questions", tmp_path / "nope.jsonl", "--answers", tmp_path / "a.jsonl")
     for flag, value, said in (("--limit", -1, ">= 0"), ("--workers", -2, ">= 0"), ("--sort-window", 0, ">= 1"),
-                              ("--max-model-failures", 0, ">= 1"), ("--prefetch", 0, ">= 1"),
+                              ("--max-model-failures", 0, ">= 1"), ("--prefetch", -1, ">= 0"),
                               ("--max-new-tokens", 0, "max_new_tokens must be an int >= 1"),
                               ("--temperature", -1, "temperature must be a number >= 0"),
                               ("--top-k", -5, "top_k must be an int >= 0"), ("--top-p", 0, "top_p must be in")):
@@ -980,3 +980,8 @@ def test_extract_layers_of_a_model_passed_in_are_checked_against_it(tmp_path):
             "--no-progress"]
     jobs.main(argv, model=six)  # layer 6 exists in M (the tiny preset has 4)
     assert "layer.6" in jobs.load_features(str(tmp_path / "f"), 0)
+    before = sorted(os.listdir(tmp_path / "f"))
+    with pytest.raises(SystemExit, match="out of range"):  # refused before --overwrite discards anything
+        jobs.main([*argv[:-2], "9", "--no-progress", "--overwrite"], model=six)
+    assert sorted(os.listdir(tmp_path / "f")) == before
+    jobs.main([*argv, "--workers", "0", "--prefetch", "0"], model=six)  # no background loading at all

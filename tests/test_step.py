@@ -260,6 +260,8 @@ def test_a_model_moved_after_the_step_was_built_is_an_error(models):
     step = m.feature_step(1, 1, 56, 56, texts="go")
     frames = _frames(1, 1, 56, 56)
     ref = step(frames)
+    m.to("cpu")  # a no-op: the same weight tensors, the step goes on
+    assert torch.equal(step(frames).hidden_states[0], ref.hidden_states[0])
     m.to(torch.float64)
     try:
         with pytest.raises(ValueError, match="build a new step"):

@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None, model=None) -> int:
     if getattr(args, "image_cache_mb", 0) < 0:
         raise SystemExit(f"error: --image-cache-mb must be >= 0, got {args.image_cache_mb}")
     for name, least in (("batch_size", 1), ("shard_size", 1), ("min_pixels", 1), ("max_pixels", 1),
-                        ("max_batch_tokens", 1), ("sort_window", 1), ("prefetch", 1), ("max_model_failures", 1),
+                        ("max_batch_tokens", 1), ("sort_window", 1), ("prefetch", 0), ("max_model_failures", 1),
                         ("workers", 0), ("limit", 0)):
         value = getattr(args, name, None)
         if value is not None and value < least:

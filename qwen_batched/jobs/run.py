@@ -184,8 +184,8 @@ def model_fingerprint(source: str, weights_seed: int) -> dict:
 
 def weights_fingerprint(model, samples: int = 64) -> str:
     """What identifies a model passed in by the caller (``jobs.main(argv, model=M)``), whose weights need not be
-    what ``--model`` names: its config and ``samples`` evenly spaced values of every tensor of its state dict (one
-    device read), hashed."""
+    what ``--model`` names: its config and ``samples`` evenly spaced values of every parameter as held (one device
+    read), hashed."""
     state = dict(model.named_parameters())  # as held (no copies; the device and dtype are in the manifest)
     h = hashlib.sha256(repr(model.cfg).encode())
     picks = []
@@ -556,8 +556,10 @@ class Job:
         a = self.args
         items = self.read_items()
         source = model_source(a.model, a.revision, a.cache_dir)
-        if self.model is None:  # (a model passed in need not be what --model names: check_model checks it)
+        if self.model is None:
             self.check_source(source)
+        else:  # a model passed in need not be what --model names; checked before --overwrite discards anything
+            self.check_model(self.model)
         manifest = {"format": self.format,
                     "model": {"source": a.model, "fingerprint": model_fingerprint(source, a.weights_seed)},
                     "settings": {**self.settings(), "dtype": resolved_dtype(source, self.device, a.dtype, self.model),
