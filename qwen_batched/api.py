@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .attention import resolve_backend
 from .batching import plan_ranges, run_ranges
 from .caches import ModelCaches
-from .config import ModelConfig, load_generation_eos
+from .config import ModelConfig, load_generation_eos, with_generation_eos
 from .generation import generate_tokens
 from .inputs import ModelInputs, item_pixels
 from .outputs import FeatureOutput, GenerateOutput
@@ -117,11 +117,7 @@ class QwenBatchedVL(nn.Module):
 
         check_dtype(dtype)  # before anything is downloaded or read
         path = resolve_checkpoint(path, revision=revision, cache_dir=cache_dir)
-        cfg = ModelConfig.from_json(path)
-        eos = load_generation_eos(path)
-        if eos:
-            import dataclasses
-            cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + eos)))
+        cfg = with_generation_eos(ModelConfig.from_json(path), load_generation_eos(path))
         device = torch.device(device) if device is not None else torch.device("cpu")
         dtype = check_dtype(dtype) or _default_dtype(device, cfg)
         tp = setup_tp(tp_size, cfg, device, dtype)
@@ -147,12 +143,8 @@ class QwenBatchedVL(nn.Module):
         if not hasattr(hf_model, "named_parameters") or not hasattr(hf_model, "config"):
             raise TypeError(f"hf_model must be a transformers Qwen2_5_VLForConditionalGeneration, got {type(hf_model).__name__}")
         dtype = check_dtype(dtype)
-        cfg = ModelConfig.from_dict(hf_model.config.to_dict())
-        gen_eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
-        if gen_eos is not None:  # as from_pretrained adds generation_config.json's (the published: 151645, 151643)
-            import dataclasses
-            gen_eos = tuple(int(e) for e in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
-            cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + gen_eos)))
+        cfg = with_generation_eos(ModelConfig.from_dict(hf_model.config.to_dict()),
+                                  getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None))
         params = list(hf_model.named_parameters())
         devices = {p.device for _, p in params}
         if len(devices) > 1:
@@ -320,9 +312,10 @@ class QwenBatchedVL(nn.Module):
                          attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                          image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                          video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
-                         mm_token_type_ids: torch.Tensor | None = None, images=None, texts=None, videos=None, fps: float | list[float] | None = None,
-                         rescale: bool | None = None, layers=None, final_norm: bool = True,
-                         max_batch_tokens: int | None = None, share_prefix: bool = SHARE_PREFIX) -> FeatureOutput:
+                         mm_token_type_ids: torch.Tensor | None = None, images=None, texts=None, videos=None,
+                         fps: float | list[float] | None = None, rescale: bool | None = None, layers=None,
+                         final_norm: bool = True, max_batch_tokens: int | None = None,
+                         share_prefix: bool = SHARE_PREFIX) -> FeatureOutput:
         """Decoder hidden states of a batch, in the reference's ``output_hidden_states`` convention.
 
         The batch: a ``ModelInputs`` (``model.processor.prepare(...)``), or its tensors as keywords (input_ids /
@@ -341,7 +334,7 @@ class QwenBatchedVL(nn.Module):
         shared prefix prefilled once and each row's remainder on top of it (``prefix.py``). The same results up to
         rounding; rows that share nothing run as without it.
         """
-        with self._same_call(repr(("extract_features", layers, final_norm, max_batch_tokens, share_prefix))) as box:
+        with self._same_call() as box:
             layers = resolve_layers(layers, self.cfg.text.num_hidden_layers)
             if not isinstance(final_norm, bool):
                 raise TypeError(f"final_norm must be a bool, got {type(final_norm).__name__}")
@@ -407,9 +400,10 @@ class QwenBatchedVL(nn.Module):
                  attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                  image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                  video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
-                 mm_token_type_ids: torch.Tensor | None = None, images=None, texts=None, videos=None, fps: float | list[float] | None = None,
-                 rescale: bool | None = None, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, eos_token_id: int | list[int] | None = None, seed: int | list[int] | None = None,
+                 mm_token_type_ids: torch.Tensor | None = None, images=None, texts=None, videos=None,
+                 fps: float | list[float] | None = None, rescale: bool | None = None, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_token_id: int | list[int] | None = None, seed: int | list[int] | None = None,
                  compile: bool = False, max_batch_tokens: int | None = None,
                  share_prefix: bool = SHARE_PREFIX) -> GenerateOutput:
         """Generate for a whole batch: one prefill, then fixed-shape decode steps over a static KV cache.
@@ -422,13 +416,12 @@ class QwenBatchedVL(nn.Module):
         stopped. On CUDA the decode step is captured as a CUDA graph and replayed once rows are still running a
         few steps in and enough steps are left to pay for the capture (one process; the graph is kept for the next
         call of the same shape); compile=True runs it through torch.compile instead (fused kernels, CUDA graphs;
-        minutes to build). Either falls back to eager, with a warning, if it cannot be built. max_batch_tokens caps rows x (longest prompt + max_new_tokens) per sub-batch, as in
-        ``extract_features``. share_prefix as in ``extract_features``: shared prefixes are prefilled once, each
-        row's remainder on top, then decoding as usual (the same tokens).
+        minutes to build). Either falls back to eager, with a warning, if it cannot be built. max_batch_tokens caps
+        rows x (longest prompt + max_new_tokens) per sub-batch, as in ``extract_features``. share_prefix as in
+        ``extract_features``: shared prefixes are prefilled once, each row's remainder on top, then decoding as
+        usual (the same tokens).
         """
-        call = ("generate", max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, compile, max_batch_tokens,
-                share_prefix)
-        with self._same_call(repr(call)) as box:
+        with self._same_call() as box:
             check_generate_args(max_new_tokens, temperature, top_k, top_p, seed, compile)
             check_flag(share_prefix, "share_prefix")
             eos_ids = resolve_eos(eos_token_id, self.cfg)
@@ -486,9 +479,9 @@ class QwenBatchedVL(nn.Module):
         return validate_inputs(inputs, self.cfg, self.device)
 
     @contextlib.contextmanager
-    def _same_call(self, call: str):
-        """Around a call's argument checks and the batch's validation (the body sets ``box["batch"]``, and
-        ``box["call"]``: its arguments resolved, so that equal ones written otherwise agree): under
+    def _same_call(self):
+        """Around a call's argument checks and the batch's validation (the body sets ``box["batch"]`` and
+        ``box["call"]``, the repr of its arguments resolved, so that equal ones written otherwise agree): under
         tensor parallelism every rank then learns that every rank passed them with the same arguments and batch
         (``TensorParallel.agree``), so that a call failing or differing on one rank is an error on all of them,
         never a wait for a collective that rank will not join. Nothing without tensor parallelism."""
@@ -499,8 +492,8 @@ class QwenBatchedVL(nn.Module):
         try:
             yield box
         except Exception as e:  # noqa: BLE001 - whatever stopped this rank, the others must hear of it
-            self.tp.agree(None, call, e)
-        self.tp.agree(box["batch"], box.get("call", call))  # the resolved arguments when the body set them
+            self.tp.agree(None, "", e)  # (a failed rank's arguments are not compared)
+        self.tp.agree(box["batch"], box["call"])
 
     def _door(self, inputs, tensors: dict, images, texts, videos, fps, rescale) -> ModelInputs:
         """Whatever form the batch came in -> one validated ``ModelInputs`` on the model's device."""

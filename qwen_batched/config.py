@@ -280,9 +280,15 @@ def default_chat_template() -> str:
     return _read_vendored("chat_template.jinja")
 
 
-def load_generation_eos(path: str | os.PathLike) -> tuple[int, ...] | None:
-    """EOS ids from ``generation_config.json`` next to a checkpoint, if present."""
-    eos = (read_json(os.path.join(os.fspath(path), "generation_config.json")) or {}).get("eos_token_id")
+def with_generation_eos(cfg: ModelConfig, eos) -> ModelConfig:
+    """``cfg`` with a generation config's ``eos_token_id`` (None, an int or a list) added after its own EOS ids:
+    the published checkpoints stop at <|im_end|> (config.json) and also at <|endoftext|> (generation config)."""
     if eos is None:
-        return None
-    return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+        return cfg
+    ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    return replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + ids)))
+
+
+def load_generation_eos(path: str | os.PathLike):
+    """``eos_token_id`` of the ``generation_config.json`` next to a checkpoint (None, an int or a list)."""
+    return (read_json(os.path.join(os.fspath(path), "generation_config.json")) or {}).get("eos_token_id")

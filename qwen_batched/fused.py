@@ -3,9 +3,10 @@
 The processor's resize + patchify kernels (``kernels/patchify.py``) share the switch below. RMSNorm (alone and
 with the residual add before it), the vision rotary, the decoder's M-RoPE and the SwiGLU activation are
 memory-bound chains of small ops in eager torch (several temporaries and launches per call, which bound a small
-batch's latency); on CUDA with triton each runs as one kernel with the reference's roundings. Under ``torch.compile`` the torch reference is used (the compiler fuses it itself). A
-kernel that fails to build or launch (``LAUNCH_ERRORS``) is switched off for the process, with a warning (the
-other kernels stay on); a kernel's own argument checks (ValueError/TypeError) and out-of-memory errors reach the caller.
+batch's latency); on CUDA with triton each runs as one kernel with the reference's roundings. Under
+``torch.compile`` the torch reference is used (the compiler fuses it itself). A kernel that fails to build or
+launch (``LAUNCH_ERRORS``) is switched off for the process, with a warning (the other kernels stay on); a kernel's
+own argument checks (ValueError/TypeError) and out-of-memory errors reach the caller.
 ``QWEN_BATCHED_TRITON=0`` switches the kernels off up front. The kernels are imported as ``qwen_batched.kernels``
 only (installed from ``kernels/``).
 """

@@ -14,14 +14,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .graphs import capture
 from .rope import mrope_cos_sin
-from .text import TextModel, last_index, real_tokens, run_batch
+from .text import TextModel, last_index, real_tokens, run_batch, token_runs
 from .validation import is_int
 
 
@@ -41,9 +40,7 @@ class KVCache:
     def prompt_sink(self, lengths: list[int]):
         """A ``run_batch`` sink writing each row's n_b real prompt tokens (host ``lengths``) to [0, n_b), built on
         the host: the sink receives the real tokens in (batch, seq) order."""
-        n = np.asarray(lengths, dtype=np.int64)
-        rows = np.repeat(np.arange(len(n)), n)
-        cols = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)  # compact column of each real token
+        rows, cols = token_runs(lengths)  # row and compact column of each real token
         dev = self.k[0].device
         rows, cols = (torch.from_numpy(a).to(dev, non_blocking=True) for a in (rows, cols))
 

@@ -5,10 +5,10 @@ instruction that rarely changes. ``model.feature_step(B, N, H, W)`` builds every
 those shapes once: the resize target and bands, the vision geometry (window order, rotary tables, segment
 plans), the prompt around the images, the image-token scatter index and the decoder's 3-D positions
 and rotary tables. A warm call then reads nothing back from the device: frames in, features out, the same
-shapes every call. On CUDA the step (preprocessing included) is captured as one CUDA graph by default: a replay is
-one graph launch instead of one launch per kernel (``cuda_graph=False`` runs it eagerly). With ``compile=True`` the device part goes
-through ``torch.compile(fullgraph=True)`` first (fewer, fused kernels; minutes to build instead of a capture's
-fraction of a second).
+shapes every call. On CUDA the step (preprocessing included) is captured as one CUDA graph by default: a
+replay is one graph launch instead of one launch per kernel (``cuda_graph=False`` runs it eagerly). With
+``compile=True`` the device part goes through ``torch.compile(fullgraph=True)`` first (fewer, fused kernels;
+minutes to build instead of a capture's fraction of a second).
 
 Token layout. ``extract_features`` puts a sample's images, then its text, in the user turn. Inside the step the
 text slot is right-padded: ``[prefix and image blocks (P)][text (t)][suffix (S)][pad (T - t)]``, length

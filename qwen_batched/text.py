@@ -11,7 +11,7 @@ decode step (see the ``*Attention`` classes below and ``generation.py``).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -139,6 +139,13 @@ class PackedAttention:
 
 
 # ---------------------------------------------------------------------------------------------- batch forward
+def token_runs(lengths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(row, within), each (sum(lengths),) int64 on the host: for every token of rows holding ``lengths[b]``
+    tokens each, in (batch, seq) order, its row and its index inside the row's run."""
+    n = np.asarray(lengths, dtype=np.int64)
+    return np.repeat(np.arange(len(n)), n), np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+
+
 def real_tokens(valid: torch.Tensor, lengths: list[int] | None = None,
                 starts: list[int] | None = None) -> torch.Tensor:
     """(T,) long: flat (batch, seq) indices of the real tokens of ``valid`` (B, L), in order. Built on the host,
@@ -146,10 +153,8 @@ def real_tokens(valid: torch.Tensor, lengths: list[int] | None = None,
     (``lengths``) when the caller knows every row's real tokens are one run; else one read of the mask."""
     if starts is None or lengths is None:
         return valid.flatten().nonzero().squeeze(1)
-    n = np.asarray(lengths, dtype=np.int64)
-    row = np.repeat(np.arange(len(n)), n)  # (T,)
-    within = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
-    idx = row * valid.shape[1] + np.repeat(np.asarray(starts, dtype=np.int64), n) + within
+    row, within = token_runs(lengths)  # (T,), (T,)
+    idx = row * valid.shape[1] + np.asarray(starts, dtype=np.int64)[row] + within
     return torch.from_numpy(idx).to(valid.device, non_blocking=True)
 
 
