@@ -285,7 +285,9 @@ def with_generation_eos(cfg: ModelConfig, eos) -> ModelConfig:
     the published checkpoints stop at <|im_end|> (config.json) and also at <|endoftext|> (generation config)."""
     if eos is None:
         return cfg
-    ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ids):
+        raise ValueError(f"a generation config's eos_token_id must be a token id or a list of them, got {eos!r}")
     return replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + ids)))
 
 

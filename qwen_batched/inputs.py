@@ -146,6 +146,8 @@ def item_pixels(pixels: torch.Tensor, grids: Sequence[Grid], items: Sequence[int
     (sum t*h*w, patch_dim): a view when they are one run in order, else one index_select."""
     offset = [0, *itertools.accumulate(t * h * w for t, h, w in grids)]
     items = list(items)
+    if any(not 0 <= k < len(grids) for k in items):
+        raise ValueError(f"items must index the {len(grids)} grids (0..{len(grids) - 1}), got {items}")
     if items and items == list(range(items[0], items[-1] + 1)):
         return pixels[offset[items[0]]:offset[items[-1] + 1]]
     if not items:

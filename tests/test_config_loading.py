@@ -79,6 +79,19 @@ def test_missing_keys_default_as_transformers_or_are_named():
     assert ModelConfig.from_dict(tied).tie_word_embeddings == Qwen2_5_VLConfig(**tied).tie_word_embeddings is True
 
 
+def test_generation_config_eos_ids_are_added_after_the_configs():
+    from qwen_batched.config import with_generation_eos
+
+    cfg = ModelConfig.from_dict(_published_7b())
+    assert with_generation_eos(cfg, None) is cfg
+    assert with_generation_eos(cfg, 151643).eos_token_ids == (*cfg.eos_token_ids, 151643)
+    assert with_generation_eos(cfg, [151645, 151643]).eos_token_ids == tuple(dict.fromkeys(
+        (*cfg.eos_token_ids, 151645, 151643)))
+    for bad in ("151643", [1.5], [-1], True):
+        with pytest.raises(ValueError, match="eos_token_id must be a token id"):
+            with_generation_eos(cfg, bad)
+
+
 def test_other_architecture_rejected():
     with pytest.raises(ValueError, match="not a Qwen2.5-VL config"):
         ModelConfig.from_dict({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})

@@ -134,3 +134,16 @@ def test_a_transformers_processor_output_can_be_passed_whole(model):
     assert torch.equal(model.extract_features(**full, layers=[-1]).hidden_states[0], ref)
     assert torch.equal(model.generate(**full, max_new_tokens=2, eos_token_id=[]).sequences,
                        model.generate(**model_inputs(full), max_new_tokens=2, eos_token_id=[]).sequences)
+
+
+def test_item_pixels_gathers_items_in_order():
+    from qwen_batched.inputs import item_pixels
+
+    grids = [(1, 2, 2), (1, 2, 4), (1, 4, 2)]
+    pixels = torch.arange(20).view(20, 1)
+    assert torch.equal(item_pixels(pixels, grids, [1, 2]), pixels[4:20])  # one run: a view
+    assert item_pixels(pixels, grids, [1, 2]).data_ptr() == pixels[4:].data_ptr()
+    assert torch.equal(item_pixels(pixels, grids, [2, 0]), torch.cat([pixels[12:20], pixels[:4]]))
+    assert item_pixels(pixels, grids, []).shape == (0, 1)
+    with pytest.raises(ValueError, match="items must index the 3 grids"):
+        item_pixels(pixels, grids, [3])
